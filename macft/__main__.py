@@ -1,0 +1,5 @@
+"""`python -m macft` runs the CLI."""
+
+from macft.cli import main
+
+main()

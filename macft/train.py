@@ -1,0 +1,151 @@
+"""The train command: recipe -> base model -> LoRA -> data -> trainer -> run folder."""
+
+import math
+from pathlib import Path
+
+from rich.console import Console
+
+from macft import backend
+from macft.data import load_data
+from macft.errors import DataError, RecipeError
+from macft.lora import apply_lora
+from macft.models import load_base
+from macft.progress import TrainProgress
+from macft.recipe import dump, load_recipe
+from macft.run_dir import RunDir
+from macft.trainer import TrainConfig, train
+
+PACKAGE_DIR = Path(__file__).parent
+
+
+def resolve_data_path(path: str, origin: str) -> str:
+    """Paths are relative to where macft runs; shipped recipes may point at shipped examples."""
+    p = Path(path).expanduser()
+    if p.exists():
+        return str(p)
+    shipped = PACKAGE_DIR / path
+    if not p.is_absolute() and shipped.exists():
+        return str(shipped)
+    where = f"{origin}: data.path" if origin != "command line" else "--data"
+    raise DataError(
+        f"{where}: {path} does not exist; give a .jsonl file or a folder with train.jsonl"
+    )
+
+
+def default_out(recipe: dict) -> Path:
+    data = Path(recipe["data"]["path"])
+    name = data.name if data.is_dir() else data.stem
+    if name in ("train", "data", ""):
+        name = data.parent.name if data.is_file() else name
+    return Path("runs") / (name or "run")
+
+
+def train_config(recipe: dict) -> TrainConfig:
+    t = recipe["train"]
+    return TrainConfig(**{k: v for k, v in t.items() if k in TrainConfig.__dataclass_fields__})
+
+
+def describe_steps(cfg: TrainConfig, n_train: int) -> str:
+    per_step = cfg.batch_size * cfg.grad_accumulation
+    if cfg.iters is not None:
+        return f"{cfg.iters} steps of {per_step} examples"
+    steps = math.ceil(cfg.epochs * n_train / per_step)
+    return f"{cfg.epochs:g} epochs = {steps} steps of {per_step} examples"
+
+
+def run_train(
+    recipe_arg: str | None,
+    sets: tuple[str, ...],
+    shorthands: dict,
+    resume: bool,
+    console: Console,
+) -> Path:
+    if resume and shorthands.get("out") is None and not recipe_arg:
+        raise RecipeError("--resume needs the run folder: macft train --resume --out runs/NAME")
+    if resume and recipe_arg is None and not sets:
+        recipe_arg = str(Path(shorthands["out"]) / "recipe.yaml")
+    recipe, origin = load_recipe(recipe_arg, sets, shorthands)
+    recipe["data"]["path"] = resolve_data_path(recipe["data"]["path"], origin)
+    out = Path(recipe["out"]) if recipe["out"] else default_out(recipe)
+    recipe["out"] = str(out)
+    cfg = train_config(recipe)
+
+    run = RunDir(out)
+    if resume:
+        run.open_for_resume(recipe)
+    else:
+        run.check_free()
+
+    console.print(f"[bold]macft train[/] -> {out}   backend: {backend.describe()}")
+    backend.set_wired_limit()
+    m = recipe["model"]
+    with console.status(f"loading {m['path']} ..."):
+        base = load_base(
+            m["path"], bits=m["bits"], group_size=m["group_size"], compute=m["compute"]
+        )
+    console.print(f"model: {m['path']} ({base.source['kind']}, compute {base.source['compute']})")
+
+    lo = recipe["lora"]
+    info = apply_lora(
+        base.model, lo["rank"], lo["alpha"], lo["dropout"], lo["targets"], lo["layers"], lo["dora"]
+    )
+    console.print(
+        f"LoRA rank {lo['rank']} alpha {lo['alpha']:g} on {', '.join(info.keys)} of "
+        f"{info.num_layers} layers: {info.trainable:,} trainable of {info.total:,} parameters "
+        f"({100 * info.trainable / info.total:.2f}%)"
+    )
+
+    d = recipe["data"]
+    train_set, valid_set, rep = load_data(
+        d["path"], base.tokenizer, d["max_seq_length"], d["valid_fraction"], cfg.seed, d["system"]
+    )
+    console.print(
+        f"data: {rep.n_train} train / {rep.n_valid} valid examples ({rep.format}), "
+        f"{rep.train_target_tokens:,} of {rep.train_tokens:,} train tokens carry loss"
+    )
+    if rep.n_truncated or rep.n_dropped:
+        console.print(
+            f"[yellow]note:[/] {rep.n_truncated} examples cut to data.max_seq_length="
+            f"{d['max_seq_length']}, {rep.n_dropped} dropped (nothing left to learn after the cut)"
+        )
+    console.print(
+        f"schedule: {describe_steps(cfg, rep.n_train)}, lr {cfg.learning_rate:g} ({cfg.schedule})"
+    )
+
+    if not resume:
+        run.create(recipe, base.source)
+    pad_id = base.tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = base.tokenizer.eos_token_id
+    with TrainProgress(console) as progress:
+        result = train(
+            base.model,
+            train_set,
+            valid_set,
+            cfg,
+            run,
+            pad_id=pad_id,
+            resume=resume,
+            on_start=progress.on_start,
+            on_report=progress.on_report,
+            lora_info=info,
+        )
+    if result.status == "interrupted":
+        console.print(
+            f"[yellow]interrupted[/] at step {result.step}: checkpoint saved. "
+            f"Continue with: macft train --resume --out {out}"
+        )
+    else:
+        best = (
+            f", best val loss {result.best_val_loss:.3f}"
+            if result.best_val_loss is not None
+            else ""
+        )
+        console.print(
+            f"[green]done[/]: {result.step} steps{best}. Adapters: {out}/adapters.safetensors"
+        )
+    console.print(f"metrics: {out}/metrics.jsonl   recipe: {out}/recipe.yaml")
+    return out
+
+
+__all__ = ["run_train", "dump"]
