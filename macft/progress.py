@@ -55,6 +55,10 @@ class TrainProgress:
 
     def on_report(self, report: dict) -> None:
         step = report["step"]
+        if step == 0:
+            msg = f"validation loss before training: {report['val_loss']:.3f}"
+            (self.progress.console if self.live else self.console).print(msg)
+            return
         stats = _fmt(report)
         if self.live:
             self.progress.update(self.task, completed=step, stats=stats)

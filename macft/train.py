@@ -1,6 +1,5 @@
 """The train command: recipe -> base model -> LoRA -> data -> trainer -> run folder."""
 
-import math
 from pathlib import Path
 
 from rich.console import Console
@@ -13,7 +12,7 @@ from macft.models import load_base
 from macft.progress import TrainProgress
 from macft.recipe import dump, load_recipe
 from macft.run_dir import RunDir
-from macft.trainer import TrainConfig, train
+from macft.trainer import TrainConfig, total_steps, train
 
 PACKAGE_DIR = Path(__file__).parent
 
@@ -49,8 +48,7 @@ def describe_steps(cfg: TrainConfig, n_train: int) -> str:
     per_step = cfg.batch_size * cfg.grad_accumulation
     if cfg.iters is not None:
         return f"{cfg.iters} steps of {per_step} examples"
-    steps = math.ceil(cfg.epochs * n_train / per_step)
-    return f"{cfg.epochs:g} epochs = {steps} steps of {per_step} examples"
+    return f"{cfg.epochs:g} epochs = {total_steps(cfg, n_train)} steps of {per_step} examples"
 
 
 def run_train(
@@ -62,8 +60,11 @@ def run_train(
 ) -> Path:
     if resume and shorthands.get("out") is None and not recipe_arg:
         raise RecipeError("--resume needs the run folder: macft train --resume --out runs/NAME")
-    if resume and recipe_arg is None and not sets:
-        recipe_arg = str(Path(shorthands["out"]) / "recipe.yaml")
+    if resume and recipe_arg is None:
+        saved = Path(shorthands["out"]) / "recipe.yaml"
+        if not saved.is_file():
+            raise RecipeError(f"{saved}: no run to resume there; start one with macft train")
+        recipe_arg = str(saved)
     recipe, origin = load_recipe(recipe_arg, sets, shorthands)
     recipe["data"]["path"] = resolve_data_path(recipe["data"]["path"], origin)
     out = Path(recipe["out"]) if recipe["out"] else default_out(recipe)
@@ -136,11 +137,11 @@ def run_train(
             f"Continue with: macft train --resume --out {out}"
         )
     else:
-        best = (
-            f", best val loss {result.best_val_loss:.3f}"
-            if result.best_val_loss is not None
-            else ""
-        )
+        before = next((r["val_loss"] for r in run.read_metrics() if r["step"] == 0), None)
+        best = ""
+        if result.best_val_loss is not None:
+            best = f", best val loss {result.best_val_loss:.3f} (step {result.best_step})"
+            best += f", {before:.3f} before training" if before is not None else ""
         console.print(
             f"[green]done[/]: {result.step} steps{best}. Adapters: {out}/adapters.safetensors"
         )

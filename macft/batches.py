@@ -1,0 +1,118 @@
+"""Batches: a deterministic order per epoch, padding to a few widths, token-weighted losses."""
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_map
+
+
+def batches_per_epoch(n_examples: int, batch_size: int) -> int:
+    return math.ceil(n_examples / batch_size)
+
+
+def batch_order(
+    n_examples: int, batch_size: int, seed: int, epoch: int, lengths=None
+) -> list[list[int]]:
+    """Example indices in batches for one epoch, the same for the same (seed, epoch).
+
+    Every example appears exactly once: nothing is dropped and nothing repeated, so the last
+    batch may be smaller (the trainer weights every step by its target tokens, so a small
+    batch just counts less). With `lengths`, examples of similar length share a batch
+    (less padding): the shuffled order is sorted by length within windows of 16 batches,
+    then the batches themselves are shuffled.
+    """
+    if n_examples <= 0:
+        return []
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(n_examples)
+    if lengths is not None:
+        lengths = np.asarray(lengths)
+        window = 16 * batch_size
+        for start in range(0, n_examples, window):
+            chunk = order[start : start + window]
+            order[start : start + window] = chunk[np.argsort(lengths[chunk], kind="stable")]
+    batches = [order[i : i + batch_size].tolist() for i in range(0, n_examples, batch_size)]
+    if lengths is not None:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
+
+
+def padded_width(n: int, pad_to: int) -> int:
+    return max(pad_to, math.ceil(n / pad_to) * pad_to)
+
+
+def collate(examples, pad_id: int, pad_to: int = 32):
+    """(inputs, targets, loss_mask, n_target_tokens) for next-token prediction, right-padded.
+
+    inputs = ids[:-1], targets = ids[1:], loss_mask = mask[1:]; the width is rounded up to a
+    multiple of `pad_to` so only a few shapes occur (each new shape costs a compile on MLX).
+    """
+    width = padded_width(max(len(e.ids) - 1 for e in examples), pad_to)
+    inputs = np.full((len(examples), width), pad_id, dtype=np.int32)
+    targets = np.full((len(examples), width), pad_id, dtype=np.int32)
+    loss_mask = np.zeros((len(examples), width), dtype=np.float32)
+    for row, e in enumerate(examples):
+        n = len(e.ids) - 1
+        if n <= 0:
+            continue
+        ids = np.asarray(e.ids, dtype=np.int32)
+        inputs[row, :n] = ids[:-1]
+        targets[row, :n] = ids[1:]
+        loss_mask[row, :n] = np.asarray(e.mask[1:], dtype=np.float32)
+    n_targets = int(loss_mask.sum())
+    return mx.array(inputs), mx.array(targets), mx.array(loss_mask), n_targets
+
+
+def input_tokens(examples) -> int:
+    """Non-padding input tokens in a batch (what tokens_per_s counts)."""
+    return sum(max(len(e.ids) - 1, 0) for e in examples)
+
+
+def loss_sum(model, inputs, targets, mask):
+    """Sum of per-token cross-entropy over target tokens (not the mean: steps weigh by tokens)."""
+    logits = model(inputs).astype(mx.float32)
+    return (nn.losses.cross_entropy(logits, targets) * mask).sum()
+
+
+def accumulate(loss_and_grad, model, batches, pad_id: int, seeds=None):
+    """(loss sum, gradient sums, target tokens, input tokens) over micro-batches.
+
+    Dividing both sums by the target tokens afterwards weighs every token equally, so
+    4 micro-batches of 1 give the same update as 1 batch of 4.
+    """
+    grads, loss, n_targets, n_inputs = None, mx.array(0.0), 0, 0
+    for i, batch in enumerate(batches):
+        if seeds is not None:
+            mx.random.seed(seeds[i])
+        inputs, targets, mask, n = collate(batch, pad_id)
+        mb_loss, mb_grads = loss_and_grad(model, inputs, targets, mask)
+        grads = mb_grads if grads is None else tree_map(mx.add, grads, mb_grads)
+        loss = loss + mb_loss
+        mx.eval(loss, grads)  # keep the graph one micro-batch deep
+        n_targets += n
+        n_inputs += input_tokens(batch)
+    return loss, grads, n_targets, n_inputs
+
+
+def evaluate(model, valid_set, batch_size: int, pad_id: int, max_batches: int = 0):
+    """Token-weighted mean loss over the validation set (or its first max_batches batches)."""
+    if not valid_set:
+        return None
+    lengths = [len(e.ids) for e in valid_set]
+    batches = batch_order(len(valid_set), batch_size, 0, 0, lengths)  # fixed, length-grouped
+    if max_batches:
+        batches = batches[:max_batches]
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    try:
+        for idx in batches:
+            inputs, targets, mask, n = collate([valid_set[i] for i in idx], pad_id)
+            if n:
+                total += loss_sum(model, inputs, targets, mask).item()
+                tokens += n
+    finally:
+        model.train(was_training)
+    return total / tokens if tokens else None

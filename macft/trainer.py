@@ -1,0 +1,340 @@
+"""The training loop: token-weighted accumulation, LR schedule, eval, checkpoints and exact resume."""
+
+import contextlib
+import functools
+import math
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map, tree_map_with_path
+
+from macft import backend
+from macft.batches import accumulate, batch_order, batches_per_epoch, evaluate, loss_sum
+from macft.errors import DataError, RunError
+from macft.lora import adapter_weights, load_adapter_weights
+
+DEFAULT_EPOCHS = 2.0  # the recipe's default when neither iters nor epochs is set
+
+
+@dataclass
+class TrainConfig:
+    iters: int | None = None  # optimizer steps; if None, use epochs
+    epochs: float | None = None
+    batch_size: int = 4  # examples per micro-batch
+    grad_accumulation: int = 1  # micro-batches per optimizer step
+    learning_rate: float = 2e-4
+    warmup: int = 10  # steps of linear warmup from 0
+    schedule: str = "cosine"  # "cosine" (to min_lr_ratio * lr at the last step) | "constant"
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    eval_every: int = 50  # 0 disables (a final eval still runs)
+    eval_batches: int = 0  # 0 = whole validation set
+    save_every: int = 100  # 0 = checkpoints only at the end and on Ctrl-C
+    grad_checkpoint: bool = False
+    seed: int = 0
+    early_stopping: int = 0  # evals without val-loss improvement before stopping; 0 = off
+    report_every: int = 5
+
+
+@dataclass
+class TrainResult:
+    status: str  # "finished" | "interrupted"
+    step: int
+    total_steps: int
+    best_val_loss: float | None = None
+    best_step: int | None = None
+    val_loss: float | None = None  # the last validation loss
+    stopped_early: bool = False
+    losses: dict[int, float] = field(default_factory=dict)  # step -> train loss, this call only
+
+
+def total_steps(cfg: TrainConfig, n_train: int) -> int:
+    if cfg.iters is not None:
+        return cfg.iters
+    epochs = cfg.epochs if cfg.epochs is not None else DEFAULT_EPOCHS
+    per_epoch = batches_per_epoch(n_train, cfg.batch_size)
+    return max(1, math.ceil(epochs * per_epoch / cfg.grad_accumulation))
+
+
+def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
+    """Learning rate of optimizer step `step` (1-based): linear warmup from 0, then cosine decay
+    reaching min_lr_ratio * lr exactly at the last step (or constant)."""
+    lr = cfg.learning_rate
+    warmup = min(cfg.warmup, total)
+    if step <= warmup:
+        return lr * step / warmup
+    if cfg.schedule == "constant" or total <= warmup:
+        return lr
+    progress = (step - warmup) / (total - warmup)
+    low = lr * cfg.min_lr_ratio
+    return low + (lr - low) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def micro_seed(seed: int, step: int, micro: int) -> int:
+    # Dropout masks depend on (seed, step, micro-batch) only, so a resumed run draws the same.
+    return int(np.random.SeedSequence([seed, step, micro]).generate_state(1, np.uint64)[0])
+
+
+@functools.cache
+def _checkpointed_class(cls):
+    call = cls.__call__
+
+    def __call__(self, *args, **kwargs):
+        # The backward pass runs the layer again; dropout there must draw the same masks as in
+        # the forward pass, so the layer reseeds the RNG with a number drawn once, here.
+        seed = int(mx.random.randint(0, 1 << 31, ()).item())
+
+        def inner(params, *args, **kwargs):
+            mx.random.seed(seed)
+            self.update(params)
+            return call(self, *args, **kwargs)
+
+        return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
+
+    return type(cls.__name__, (cls,), {"__call__": __call__})
+
+
+@contextlib.contextmanager
+def grad_checkpointing(model, enabled: bool = True):
+    """Recompute each transformer layer in the backward pass instead of keeping activations.
+
+    Python finds __call__ on the class, so each layer gets a subclass for the duration;
+    the parameter names do not change (unlike wrapping the layer in another module).
+    """
+    layers = list(getattr(model, "layers", [])) if enabled else []
+    originals = [(layer, type(layer)) for layer in layers]
+    for layer, cls in originals:
+        layer.__class__ = _checkpointed_class(cls)
+    try:
+        yield
+    finally:
+        for layer, cls in originals:
+            layer.__class__ = cls
+
+
+@contextlib.contextmanager
+def _defer_sigint():
+    """Hold Ctrl-C while a step is committed, so model, optimizer and counters stay in step."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda *_: caught.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
+def _restore_optimizer(optimizer, flat: dict) -> None:
+    missing = [k for k, _ in tree_flatten(optimizer.state) if k not in flat]
+    if missing:
+        raise RunError(
+            f"checkpoint optimizer state lacks {len(missing)} entries (e.g. {missing[0]})"
+        )
+    optimizer.state = tree_map_with_path(lambda path, _: flat[path], optimizer.state)
+
+
+def _fresh_state() -> dict:
+    return {
+        "step": 0,
+        "epoch": 0,
+        "index": 0,  # next micro-batch in this epoch's batch order
+        "best_val_loss": None,
+        "best_step": None,
+        "evals_since_best": 0,
+        "val_loss": None,
+        "trained_tokens": 0,
+        "elapsed_s": 0.0,
+        # since the last report, kept in checkpoints so reports after a resume match
+        "pending_loss": 0.0,
+        "pending_targets": 0,
+        "pending_tokens": 0,
+        "pending_time": 0.0,
+    }
+
+
+def train(
+    model,
+    train_set,
+    valid_set,
+    cfg: TrainConfig,
+    run,
+    pad_id: int,
+    resume: bool = False,
+    on_report=None,
+    lora_info=None,
+    on_start=None,
+) -> TrainResult:
+    """Train the model's trainable (LoRA) parameters; checkpoints and metrics go to `run`."""
+    if not train_set:
+        raise DataError("no training examples left to train on; check the data file")
+    n_train, bs = len(train_set), cfg.batch_size
+    per_epoch = batches_per_epoch(n_train, bs)
+    total = total_steps(cfg, n_train)
+    lengths = [len(e.ids) for e in train_set]
+    config = lora_info.adapter_config() if lora_info is not None else None
+    orders: dict[int, list[list[int]]] = {}
+
+    def next_batch(epoch: int, index: int):
+        if index >= per_epoch:
+            epoch, index = epoch + 1, 0
+        if epoch not in orders:
+            orders.clear()  # one epoch at a time is enough
+            orders[epoch] = batch_order(n_train, bs, cfg.seed, epoch, lengths)
+        return orders[epoch][index], epoch, index + 1
+
+    optimizer = optim.AdamW(learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer.init(model.trainable_parameters())
+    loss_and_grad = nn.value_and_grad(model, loss_sum)
+    st = _fresh_state()
+    result = TrainResult("finished", 0, total)
+
+    def checkpoint() -> None:
+        run.save_checkpoint(
+            st["step"],
+            adapter_weights(model),
+            dict(tree_flatten(optimizer.state)),
+            {**st, "total_steps": total},
+            config,
+        )
+
+    with run.lock():
+        if resume and (ckpt := run.latest_checkpoint()) is not None:
+            adapters, opt_state, saved = run.load_checkpoint(ckpt)
+            load_adapter_weights(model, adapters)
+            _restore_optimizer(optimizer, opt_state)
+            st.update({k: saved[k] for k in st if k in saved})
+        if resume:
+            run.trim_metrics(st["step"])  # records past the checkpoint get written again
+        run.update_state(status="running", step=st["step"], total_steps=total)
+        if on_start is not None:
+            on_start(total, st["step"])
+        backend.reset_peak_memory()
+        if st["step"] == 0 and valid_set and cfg.eval_every and not run.read_metrics():
+            # The untrained model's validation loss: the figure every later one is judged by.
+            val = evaluate(model, valid_set, bs, pad_id, cfg.eval_batches)
+            report = _report(st, 0.0, total, per_epoch, val, final=False)
+            run.append_metrics(report)
+            if on_report is not None:
+                on_report(report)
+        session_start, elapsed0 = time.perf_counter(), st["elapsed_s"]
+        was_training = model.training
+        model.train()
+        try:
+            with grad_checkpointing(model, cfg.grad_checkpoint):
+                while st["step"] < total:
+                    step = st["step"] + 1
+                    t0 = time.perf_counter()
+                    epoch, index = st["epoch"], st["index"]
+                    batches = []
+                    seeds = [micro_seed(cfg.seed, step, i) for i in range(cfg.grad_accumulation)]
+                    for _ in range(cfg.grad_accumulation):
+                        idx, epoch, index = next_batch(epoch, index)
+                        batches.append([train_set[i] for i in idx])
+                    loss, grads, n_targets, n_inputs = accumulate(
+                        loss_and_grad, model, batches, pad_id, seeds
+                    )
+                    lr = lr_at(step, cfg, total)
+                    step_loss = loss.item() / max(n_targets, 1)
+                    with _defer_sigint():
+                        if n_targets:
+                            grads = tree_map(lambda g, n=n_targets: g / n, grads)
+                            if cfg.max_grad_norm > 0:
+                                grads, _ = optim.clip_grad_norm(grads, cfg.max_grad_norm)
+                            optimizer.learning_rate = lr
+                            optimizer.update(model, grads)
+                        mx.eval(model.trainable_parameters(), optimizer.state)
+                        st.update(step=step, epoch=epoch, index=index)
+                        st["trained_tokens"] += n_inputs
+                        st["pending_loss"] += loss.item()
+                        st["pending_targets"] += n_targets
+                        st["pending_tokens"] += n_inputs
+                        st["pending_time"] += time.perf_counter() - t0
+                        st["elapsed_s"] = elapsed0 + time.perf_counter() - session_start
+                    result.losses[step] = step_loss
+
+                    last = step == total
+                    val = None
+                    if valid_set and (last or (cfg.eval_every and step % cfg.eval_every == 0)):
+                        val = evaluate(model, valid_set, bs, pad_id, cfg.eval_batches)
+                    stop = False
+                    if val is not None:
+                        st["val_loss"] = val
+                        if st["best_val_loss"] is None or val < st["best_val_loss"]:
+                            st.update(best_val_loss=val, best_step=step, evals_since_best=0)
+                            info = {"step": step, "val_loss": val}
+                            run.save_best(adapter_weights(model), config, info)
+                        else:
+                            st["evals_since_best"] += 1
+                        stop = bool(cfg.early_stopping) and (
+                            st["evals_since_best"] >= cfg.early_stopping
+                        )
+                    st["elapsed_s"] = elapsed0 + time.perf_counter() - session_start
+                    if last or stop or val is not None or step % cfg.report_every == 0:
+                        report = _report(st, lr, total, per_epoch, val, final=last or stop)
+                        if stop:
+                            report["stopped_early"] = True
+                        run.append_metrics(report)
+                        if on_report is not None:
+                            on_report(report)
+                    if stop:
+                        result.stopped_early = True
+                        break
+                    if cfg.save_every and step % cfg.save_every == 0 and not last:
+                        checkpoint()
+                        run.update_state(status="running", step=step)
+        except KeyboardInterrupt:
+            checkpoint()
+            run.update_state(status="interrupted", step=st["step"], **_best(st))
+            result.status = "interrupted"
+        except BaseException as e:
+            run.update_state(status="failed", step=st["step"], error=f"{type(e).__name__}: {e}")
+            raise
+        else:
+            checkpoint()
+            run.write_adapters(adapter_weights(model), config)
+            run.update_state(
+                status="finished", step=st["step"], stopped_early=result.stopped_early, **_best(st)
+            )
+        finally:
+            model.train(was_training)
+    result.step = st["step"]
+    result.best_val_loss, result.best_step = st["best_val_loss"], st["best_step"]
+    result.val_loss = st["val_loss"]
+    return result
+
+
+def _best(st: dict) -> dict:
+    return {"best_val_loss": st["best_val_loss"], "best_step": st["best_step"]}
+
+
+def _report(st: dict, lr: float, total: int, per_epoch: int, val, final: bool) -> dict:
+    """The metrics record for on_report and metrics.jsonl; resets the since-last-report sums."""
+    report = {
+        "step": st["step"],
+        "total_steps": total,
+        "epoch": round(st["epoch"] + st["index"] / per_epoch, 4),
+        "train_loss": st["pending_loss"] / st["pending_targets"] if st["pending_targets"] else None,
+        "learning_rate": lr,
+        "tokens_per_s": st["pending_tokens"] / st["pending_time"] if st["pending_time"] else 0.0,
+        "trained_tokens": st["trained_tokens"],
+        "peak_memory_gb": backend.peak_memory_gb(),
+        "elapsed_s": round(st["elapsed_s"], 3),
+    }
+    if val is not None:
+        report["val_loss"] = val
+        report["best_val_loss"] = st["best_val_loss"]
+    if final:
+        report["final"] = True
+    st.update(pending_loss=0.0, pending_targets=0, pending_tokens=0, pending_time=0.0)
+    return report
