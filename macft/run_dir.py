@@ -107,6 +107,7 @@ class RunDir:
         self.metrics_path = self.path / "metrics.jsonl"
         self.adapters_path = self.path / "adapters.safetensors"
         self.config_path = self.path / "adapter_config.json"
+        self.base_path = self.path / "base.json"  # where the base model came from, how loaded
         self.checkpoints = self.path / "checkpoints"
 
     # --- creating and opening -------------------------------------------------------------
@@ -127,10 +128,9 @@ class RunDir:
         self.check_free()
         self.path.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.recipe_path, yaml.safe_dump(recipe, sort_keys=False))
-        state = {"status": "created", "step": 0, "best_val_loss": None}
         if source is not None:
-            state["base_source"] = source
-        atomic_write_json(self.state_path, state)
+            atomic_write_json(self.base_path, source)
+        atomic_write_json(self.state_path, {"status": "created", "step": 0, "best_val_loss": None})
 
     def open(self) -> dict:
         """An existing run, for resuming; returns its state."""

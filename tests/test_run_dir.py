@@ -30,7 +30,8 @@ def test_create_writes_recipe_and_state(tmp_path):
     run = RunDir(tmp_path / "runs" / "a")
     run.create(RECIPE, source={"kind": "hf"})
     assert yaml.safe_load(run.recipe_path.read_text()) == RECIPE
-    assert run.state["status"] == "created" and run.state["base_source"] == {"kind": "hf"}
+    assert run.state["status"] == "created"
+    assert json.loads(run.base_path.read_text()) == {"kind": "hf"}
 
 
 def test_refuses_a_folder_holding_a_run(tmp_path):

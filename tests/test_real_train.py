@@ -1,0 +1,41 @@
+"""The real SmolLM2-135M GGUF trained a few steps on WikiSQL through the CLI."""
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from macft.cli import cli
+
+WIKISQL = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikisql"
+
+pytestmark = pytest.mark.real
+
+
+@pytest.mark.skipif(not WIKISQL.is_dir(), reason="needs ../shared/data/wikisql beside the repo")
+def test_few_steps_on_wikisql_lower_validation_loss(smollm2_gguf, tmp_path):
+    out = tmp_path / "wikisql"
+    args = ["train", "--recipe", "smollm2-135m-wikisql", "--data", str(WIKISQL), "--out", str(out)]
+    sets = {
+        "model.path": str(smollm2_gguf),
+        "model.compute": "float32",
+        "data.max_seq_length": 256,
+        "train.iters": 8,
+        "train.learning_rate": 5.0e-4,
+        "train.warmup": 2,
+        "train.eval_every": 8,
+        "train.eval_batches": 4,
+        "train.save_every": 0,
+    }
+    for key, value in sets.items():
+        args += ["--set", f"{key}={value}"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    before = rows[0]
+    after = rows[-1]
+    assert before["step"] == 0 and after["step"] == 8
+    assert after["val_loss"] < before["val_loss"] - 0.1, (before["val_loss"], after["val_loss"])
+    assert "before training" in result.output
+    assert json.loads((out / "base.json").read_text())["kind"] == "gguf"
