@@ -1,0 +1,300 @@
+"""A chat session: a base model, optionally with a run's adapters, and one history per side."""
+
+import contextlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm import stream_generate
+from mlx_lm.sample_utils import make_sampler
+
+from macft.errors import MacftError, ModelError, RunError
+from macft.lora import LoRALinear, apply_lora, load_adapter_weights
+from macft.models import ALIASES, load_base
+from macft.run_dir import CHECKPOINT_RE, RunDir
+
+__all__ = ["ChatModel", "ChatSession", "Side", "load_chat_model", "lora_disabled"]
+
+
+@dataclass
+class ChatModel:
+    model: nn.Module
+    tokenizer: object
+    base_path: str  # what load_base was given
+    adapters: Path | None = None  # the adapters.safetensors file, when a run was loaded
+    system: str | None = None  # the run's data.system
+    notes: list[str] = field(default_factory=list)  # things the user should be told
+
+
+@contextlib.contextmanager
+def lora_disabled(model: nn.Module):
+    """Swap every LoRALinear for the linear it wraps, then put them back: the base, same weights.
+
+    Swapping (rather than zeroing the scale) also gives the exact base for DoRA, whose learned
+    magnitudes rescale the output even when the low-rank update is zero.
+    """
+    swapped = []
+    for _, module in model.named_modules():
+        for key, child in module.children().items():
+            if isinstance(child, LoRALinear):
+                swapped.append((module, key, child))
+            elif isinstance(child, list):
+                swapped += [(child, i, c) for i, c in enumerate(child) if isinstance(c, LoRALinear)]
+    for owner, key, lora in swapped:
+        owner[key] = lora.linear
+    try:
+        yield len(swapped)
+    finally:
+        for owner, key, lora in swapped:
+            owner[key] = lora
+
+
+def _listing(folder: Path) -> str:
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
+    return ", ".join(names[:10]) + (", ..." if len(names) > 10 else "") or "nothing"
+
+
+def _train_hint(path: Path) -> str:
+    return f"train one with: macft train --model MODEL --data FILE --out {path}"
+
+
+def pick_adapters(run: RunDir, checkpoint: str | None) -> tuple[Path, str | None]:
+    """The adapters file of a run (root, best or step-N) and a note when it was not asked for."""
+    if checkpoint is None:
+        if run.adapters_path.is_file():
+            return run.adapters_path, None
+        latest = run.latest_checkpoint()
+        if latest is None:
+            raise RunError(
+                f"{run.path}: no adapters yet (no adapters.safetensors, no checkpoints); "
+                f"continue the run with: macft train --resume --out {run.path}"
+            )
+        note = f"{run.path} has no adapters.safetensors (unfinished run?): using {latest.name}"
+        return latest / "adapters.safetensors", note
+    m = CHECKPOINT_RE.match(checkpoint) or CHECKPOINT_RE.match(f"step-{checkpoint}")
+    folder = run.best if checkpoint == "best" else m and run.checkpoints / f"step-{int(m[1]):06d}"
+    if folder is None or not (folder / "adapters.safetensors").is_file():
+        found = [p.name for p in run.list_checkpoints()] + (["best"] if run.best else [])
+        available = ", ".join(found) or "none"
+        raise RunError(
+            f"{run.path}: no checkpoint {checkpoint!r} (available: {available}); "
+            "use --checkpoint best, --checkpoint step-N, or leave it out for the final adapters"
+        )
+    return folder / "adapters.safetensors", None
+
+
+def _lora_settings(run: RunDir) -> tuple[dict, dict, str]:
+    """(model section, lora kwargs, where they came from): recipe.yaml, else adapter_config.json."""
+    if run.recipe_path.is_file():
+        recipe = run.recipe()
+        lo = recipe.get("lora", {})
+        keys = ("rank", "alpha", "dropout", "targets", "layers", "dora")
+        return recipe.get("model", {}), {k: lo[k] for k in keys if k in lo}, str(run.recipe_path)
+    if not run.config_path.is_file():
+        return {}, {}, ""
+    cfg = json.loads(run.config_path.read_text(encoding="utf-8"))  # e.g. adapters mlx-lm wrote
+    p, layers = cfg.get("lora_parameters", {}), cfg.get("num_layers")
+    lora = {
+        "rank": p.get("rank", 8),
+        "alpha": p.get("scale", 20.0) * p.get("rank", 8),
+        "targets": p.get("keys") or "all-linear",
+        "layers": layers if isinstance(layers, int) and layers > 0 else "all",
+        "dora": cfg.get("fine_tune_type") == "dora",
+    }
+    return {}, lora, str(run.config_path)
+
+
+def _load_base(path: str, model_cfg: dict, origin: str | None):
+    kw = {k: model_cfg[k] for k in ("bits", "group_size", "compute") if k in model_cfg}
+    try:
+        return load_base(path, **kw)
+    except ModelError as e:
+        if origin is None:
+            raise
+        raise ModelError(
+            f"{origin}: model.path {path} is not available: {e}. "
+            f"Fix it, or point at a copy of that base: macft chat {Path(origin).parent} --model PATH"
+        ) from None
+
+
+def load_chat_model(
+    target: str | None, model: str | None = None, checkpoint: str | None = None
+) -> ChatModel:
+    """A run folder (base + adapters), a model (folder, GGUF, alias), or --model alone."""
+    if target is None:
+        if model is None:
+            raise MacftError(
+                "nothing to chat with; give a run folder (macft chat runs/NAME) "
+                "or a model (macft chat --model smollm2-135m)"
+            )
+        target, model = model, None
+    p = Path(target).expanduser()
+    run = RunDir(p)
+    if p.is_dir() and (run.holds_run() or run.config_path.is_file()):
+        return _load_run(run, model, checkpoint)
+    if checkpoint is not None:
+        raise RunError(f"--checkpoint needs a run folder; {target} is not one")
+    if model is not None:
+        raise MacftError(
+            f"{target} is a model, not a run folder; give one of them (--model is for a run "
+            "whose recipe.yaml points at a base that moved)"
+        )
+    if p.is_file() or (p.is_dir() and (p / "config.json").is_file()):
+        base = load_base(str(p))
+    elif target.strip().lower() in ALIASES:
+        base = load_base(target)
+    elif p.is_dir():
+        raise RunError(
+            f"{p} holds no run (no recipe.yaml, adapters or checkpoints) and no model "
+            f"(no config.json); it has: {_listing(p)}. {_train_hint(p)}"
+        )
+    else:
+        parent = next((a for a in p.parents if a.is_dir()), Path("."))
+        raise RunError(
+            f"{p} does not exist ({parent} holds: {_listing(parent)}); give a run folder, "
+            f"a model folder, a .gguf file or an alias ({', '.join(ALIASES)}); or {_train_hint(p)}"
+        )
+    base.model.eval()
+    return ChatModel(base.model, base.tokenizer, str(target))
+
+
+def _load_run(run: RunDir, model: str | None, checkpoint: str | None) -> ChatModel:
+    adapters, note = pick_adapters(run, checkpoint)
+    model_cfg, lora_kw, origin = _lora_settings(run)
+    base_path = model or model_cfg.get("path")
+    if not base_path:
+        raise RunError(
+            f"{run.path}: no recipe.yaml says which base these adapters belong to; "
+            f"name it: macft chat {run.path} --model PATH"
+        )
+    base = _load_base(base_path, model_cfg, None if model else origin)
+    depth = len(getattr(base.model, "layers", None) or [])
+    if isinstance(lora_kw.get("layers"), int) and lora_kw["layers"] > depth:
+        lora_kw["layers"] = "all"  # mlx-lm's num_layers may exceed the model's depth
+    try:
+        weights = mx.load(str(adapters))
+    except (OSError, ValueError, RuntimeError) as e:
+        raise RunError(f"{adapters}: cannot read the adapters ({e})") from None
+    try:
+        apply_lora(base.model, **lora_kw)
+    except MacftError as e:
+        raise ModelError(f"{adapters} does not fit the base {base_path}: {e}") from None
+    try:
+        load_adapter_weights(base.model, weights)
+    except ModelError:
+        raise ModelError(
+            f"{adapters} does not fit the base {base_path} (tensor names or shapes differ); "
+            "were these adapters trained on another model?"
+        ) from None
+    mx.eval(base.model.parameters())
+    base.model.eval()  # no LoRA dropout while generating
+    system = (run.recipe().get("data") or {}).get("system") if run.recipe_path.is_file() else None
+    return ChatModel(
+        base.model, base.tokenizer, base_path, adapters, system, [note] if note else []
+    )
+
+
+@dataclass
+class Side:
+    name: str  # "base" or "fine-tune"
+    lora: bool  # answer with the adapters on
+    messages: list[dict] = field(default_factory=list)  # user/assistant turns, no system
+    last_prompt: str = ""  # the exact text the model was given for the last answer
+
+
+class ChatSession:
+    """Histories, sampling settings and generation; one model, LoRA toggled per side."""
+
+    def __init__(self, cm: ChatModel, system=None, temp=0.7, top_p=0.9, max_tokens=512, seed=None):
+        self.cm = cm
+        self.system = system if system is not None else cm.system
+        self.temp, self.top_p, self.max_tokens, self.seed = temp, top_p, max_tokens, seed
+        self.tuned = Side("fine-tune", True) if cm.adapters else None
+        self.base = Side("base", False)
+        self.compare = False
+
+    @property
+    def has_adapters(self) -> bool:
+        return self.tuned is not None
+
+    def sides(self) -> list[Side]:
+        if self.tuned is None:
+            return [self.base]
+        return [self.base, self.tuned] if self.compare else [self.tuned]
+
+    @property
+    def main(self) -> Side:
+        return self.tuned or self.base
+
+    def set_compare(self, on: bool) -> None:
+        if on and not self.compare and self.tuned is not None:
+            # The base joins the conversation as it stands; from here each side keeps its own.
+            self.base.messages = [dict(m) for m in self.tuned.messages]
+        self.compare = on and self.tuned is not None
+
+    def reset(self) -> None:
+        for side in filter(None, (self.base, self.tuned)):
+            side.messages, side.last_prompt = [], ""
+
+    def conversation(self, side: Side, user: str | None = None) -> list[dict]:
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        turn = [{"role": "user", "content": user}] if user is not None else []
+        return system + side.messages + turn
+
+    def render(self, side: Side, user: str) -> str:
+        """The prompt text: the whole conversation through the chat template, ready to answer."""
+        tok = self.cm.tokenizer
+        msgs = self.conversation(side, user)
+        if not getattr(tok, "has_chat_template", False):
+            # No template: the text is what training saw for prompt/completion data, concatenated.
+            return "".join(m["content"] for m in msgs)
+        try:
+            return tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        except Exception as e:  # e.g. a template that rejects system messages
+            raise MacftError(
+                f"the model's chat template rejects this conversation ({e}); "
+                "try without a system prompt (/system none)"
+            ) from None
+
+    def stream(self, side: Side, user: str):
+        """Yield mlx-lm GenerationResponses; the exchange joins the history only when complete."""
+        side.last_prompt = self.render(side, user)
+        ids = self.cm.tokenizer.encode(side.last_prompt, add_special_tokens=False)
+        if self.seed is not None:
+            mx.random.seed(self.seed)  # per answer, so both sides of --compare sample alike
+        sampler = make_sampler(temp=self.temp, top_p=self.top_p if self.temp > 0 else 0.0)
+        model, tok, text = self.cm.model, self.cm.tokenizer, ""
+        with lora_disabled(model) if not side.lora else contextlib.nullcontext():
+            for r in stream_generate(model, tok, ids, max_tokens=self.max_tokens, sampler=sampler):
+                text += r.text
+                yield r
+        side.messages += [{"role": "user", "content": user}, {"role": "assistant", "content": text}]
+
+    def record(self, side: Side | None = None) -> tuple[dict | None, int]:
+        """The conversation as one line of macft's chat training format; blank answers dropped."""
+        side = side or self.main
+        pairs = list(zip(side.messages[::2], side.messages[1::2], strict=True))
+        # Training rejects empty messages, so exchanges with a blank answer are left out.
+        kept = [
+            (u, {**a, "content": a["content"].strip()}) for u, a in pairs if a["content"].strip()
+        ]
+        if not kept:
+            return None, len(pairs)
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return {"messages": system + [m for pair in kept for m in pair]}, len(pairs) - len(kept)
+
+    def save(self, path: str, side: Side | None = None) -> tuple[int, int]:
+        """Append the conversation to a .jsonl file; returns (exchanges saved, dropped)."""
+        rec, dropped = self.record(side)
+        if rec is None:
+            raise MacftError("nothing to save yet: no answered question in this conversation")
+        p = Path(path).expanduser()
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            with p.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        except OSError as e:
+            raise MacftError(f"cannot write {p}: {e.strerror}; give another file") from None
+        return sum(m["role"] == "assistant" for m in rec["messages"]), dropped
