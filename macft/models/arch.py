@@ -29,12 +29,27 @@ def _qwen3_extra(get):
     return {"head_dim": get("attention.key_length")}
 
 
+def _gemma3_extra(get):
+    hidden, heads = get("embedding_length"), get("attention.head_count")
+    head_dim = get("attention.key_length") or hidden // heads
+    return {
+        "head_dim": head_dim,
+        # llama.cpp scales queries by 1/sqrt(head_dim), except Gemma 3 27B (62 layers).
+        "query_pre_attn_scalar": hidden // heads if get("block_count") == 62 else head_dim,
+        "sliding_window": get("attention.sliding_window"),
+        "rope_local_base_freq": _f32(get("rope.freq_base_swa", 10000.0)),
+        "sliding_window_pattern": 6,  # five local layers, then a global one (llama.cpp's too)
+    }
+
+
 ARCHS = {
     a.gguf_arch: a
     for a in (
         Arch("llama", "llama", permute_qk=True),  # Llama 2/3.x, SmolLM, Mistral v0.1-0.3
         Arch("qwen2", "qwen2"),  # q/k/v biases are ordinary tensors
         Arch("qwen3", "qwen3", extra=_qwen3_extra),  # q/k norms map by name
+        # Norms stored +1 (q/k norms too); embeddings tied; text-only model of mlx-lm.
+        Arch("gemma3", "gemma3_text", norm_offset=1.0, extra=_gemma3_extra),
     )
 }
 

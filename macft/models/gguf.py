@@ -131,6 +131,8 @@ def load_gguf(path: Path, bits: int, group_size: int):
         raise ModelError(
             f"{path}: mlx-lm cannot build {config['model_type']} from this GGUF ({e})"
         ) from None
+    if config["tie_word_embeddings"] and "lm_head" in model and hasattr(model, "sanitize"):
+        model.sanitize({})  # gemma3_text drops its head only when the weights have none
     modules = dict(model.named_modules())
     name_map = _name_map(model, arch.gguf_arch, config["num_hidden_layers"])
     heads = {

@@ -1,0 +1,255 @@
+"""Predicted peak memory of a LoRA training step, split by cause, and the changes that make it fit."""
+
+import math
+from dataclasses import dataclass, field
+
+GB = 1e9
+LORA_KEYS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_KEYS += ("qkv_proj", "gate_up_proj")  # Phi-3's fused ones
+# Python, the tokenizer, MLX's kernels and (on a Mac) Metal's command buffers: what a process
+# holds beyond the arrays that mx.get_peak_memory counts.
+OVERHEAD_BYTES = int(0.6 * GB)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The shape facts of a decoder that decide its memory."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    tied: bool
+    head_dim: int = 0  # 0: hidden // heads
+    norms: int = 2  # RMSNorms per layer (Gemma 3 has 4)
+    qk_norm: bool = False  # Qwen3, Gemma 3: RMSNorm on queries and keys
+    fused: bool = False  # Phi-3: qkv_proj and gate_up_proj are single linears
+
+    @property
+    def hd(self) -> int:
+        return self.head_dim or self.hidden // self.heads
+
+    @classmethod
+    def from_config(cls, c: dict) -> "Shape":
+        c = c.get("text_config", c)
+        heads = c["num_attention_heads"]
+        return cls(
+            layers=c["num_hidden_layers"],
+            hidden=c["hidden_size"],
+            intermediate=c["intermediate_size"],
+            heads=heads,
+            kv_heads=c.get("num_key_value_heads") or heads,
+            vocab=c["vocab_size"],
+            tied=bool(c.get("tie_word_embeddings", False)),
+            head_dim=c.get("head_dim") or 0,
+            norms=4 if str(c.get("model_type", "")).startswith("gemma3") else 2,
+            qk_norm=str(c.get("model_type", "")).startswith(("qwen3", "gemma3")),
+            fused=c.get("model_type") == "phi3",
+        )
+
+    def linears(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of each linear of one layer."""
+        h, q, kv, i = self.hidden, self.heads * self.hd, self.kv_heads * self.hd, self.intermediate
+        if self.fused:
+            return {"qkv_proj": (h, q + 2 * kv), "o_proj": (q, h), "gate_up_proj": (h, 2 * i),
+                    "down_proj": (i, h)}  # fmt: skip
+        return {
+            "q_proj": (h, q),
+            "k_proj": (h, kv),
+            "v_proj": (h, kv),
+            "o_proj": (q, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
+
+    def parameters(self) -> int:
+        per_layer = sum(a * b for a, b in self.linears().values()) + self.norms * self.hidden
+        head = 0 if self.tied else self.vocab * self.hidden
+        return self.layers * per_layer + self.vocab * self.hidden + head + self.hidden
+
+
+@dataclass(frozen=True)
+class Setup:
+    """How the step runs: what the recipe and the trainer decide."""
+
+    batch_size: int = 1
+    seq_len: int = 2048  # tokens in the longest row of a micro-batch
+    rank: int = 16
+    targets: tuple = LORA_KEYS
+    lora_layers: int | None = None  # None: all
+    dropout: float = 0.0
+    grad_checkpoint: bool = True
+    grad_accumulation: int = 8
+    compute: str = "quantized"  # quantized | float32 | bfloat16 | float16
+    bits: int = 4
+    group_size: int = 64
+    act_bytes: int = 2  # activations: bfloat16 on a Mac's quantized base, float32 on CPU
+    scale_bytes: int = 2  # quantization scales and biases
+    loss_chunk: int = 0  # the trainer's chunked loss: rows of logits at a time; 0 = all at once
+
+
+@dataclass
+class Plan:
+    parts: dict[str, int]  # bytes by cause
+    setup: Setup
+    shape: Shape
+    usable: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def mlx_peak(self) -> int:
+        """What mx.get_peak_memory should report: every part but the process overhead."""
+        return sum(v for k, v in self.parts.items() if k != "overhead")
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+    @property
+    def fits(self) -> bool:
+        return self.usable is None or self.total <= self.usable
+
+    def summary(self) -> str:
+        s = self.setup
+        ck = "checkpointing" if s.grad_checkpoint else "no checkpointing"
+        line = (
+            f"memory plan: {gb(self.total)} peak (weights {gb(self.parts['weights'])}, "
+            f"activations {gb(self.parts['activations'])}, logits {gb(self.parts['logits'])}, "
+            f"LoRA+AdamW {gb(self.parts['lora'])}) at batch {s.batch_size} x {s.seq_len} tokens, "
+            f"{ck}"
+        )
+        if self.usable is not None:
+            line += f"; {'fits' if self.fits else 'does NOT fit'} in {gb(self.usable)}"
+        return line
+
+
+def gb(n: float) -> str:
+    return f"{n / GB:.1f} GB"
+
+
+def _lora_dims(shape: Shape, setup: Setup) -> list[tuple[int, int]]:
+    lin = shape.linears()
+    return [lin[k] for k in setup.targets if k in lin]
+
+
+def weight_bytes(shape: Shape, setup: Setup) -> int:
+    """The frozen base as it sits in memory: packed ints plus a scale and a bias per group."""
+    n = shape.parameters()
+    norms = (shape.norms * shape.layers + 1) * shape.hidden
+    if setup.compute != "quantized":
+        return n * {"float32": 4}.get(setup.compute, 2)
+    # mlx-lm quantizes every linear and the embedding (and an untied head); norms stay float.
+    q = n - norms
+    per_group = 2 * setup.scale_bytes / setup.group_size
+    return int(q * setup.bits / 8 + q * per_group) + norms * setup.act_bytes
+
+
+def lora_params(shape: Shape, setup: Setup) -> int:
+    layers = setup.lora_layers or shape.layers
+    return layers * sum(setup.rank * (a + b) for a, b in _lora_dims(shape, setup))
+
+
+def layer_activation_bytes(shape: Shape, setup: Setup, tokens: int, width: int) -> int:
+    """Bytes one adapted layer keeps for its backward pass (per the whole micro-batch).
+
+    Per token: each RMSNorm keeps its input and output plus the rsqrt-scaled copy MLX's VJP
+    holds (3 x hidden each, measured on an isolated norm + linear); attention keeps the scaled
+    queries, keys, values and the merged head output (the inputs of its matmuls) and the softmax
+    output, heads x width; the SwiGLU MLP keeps gate, up, sigmoid, silu and their product
+    (5 x intermediate: the compiled activation's VJP re-traces it); each LoRA keeps x @ A (rank).
+    """
+    h, a = shape.hidden, setup.act_bytes
+    q_dim, kv_dim = shape.heads * shape.hd, shape.kv_heads * shape.hd
+    lora = _lora_dims(shape, setup)
+    per_token = a * (3 * shape.norms * h + 2 * q_dim + 2 * kv_dim + 5 * shape.intermediate)
+    per_token += a * shape.heads * width
+    if shape.qk_norm:
+        per_token += a * 2 * (q_dim + kv_dim)  # the normed queries and keys, and their inputs
+    per_token += 4 * setup.rank * len(lora)  # x @ A is float32: LoRA weights are float32
+    if a < 4:
+        # x @ A with float32 A promotes x: each LoRA input is kept as its own float32 copy.
+        per_token += sum(4 * d_in for d_in, _ in lora) - a * (2 * h + q_dim + shape.intermediate)
+    if setup.dropout > 0:
+        per_token += sum(4 * d_in for d_in, _ in lora)  # the dropped-out copy of each input
+    return tokens * per_token
+
+
+def logits_bytes(shape: Shape, setup: Setup, tokens: int) -> int:
+    """Logits and cross-entropy: float32 logits, the softmax and its gradient (3 x tokens x vocab).
+
+    A chunked loss computes them `loss_chunk` rows at a time and keeps the hidden states and
+    their gradient instead.
+    """
+    v, a = shape.vocab, setup.act_bytes
+    cast = a * v if a < 4 else 0  # the head's output before the float32 cast
+    if setup.loss_chunk:
+        rows = min(setup.loss_chunk, tokens)
+        return rows * (3 * 4 * v + cast) + 2 * tokens * shape.hidden * a
+    return tokens * (3 * 4 * v + cast)
+
+
+def plan(shape: Shape, setup: Setup, usable: int | None = None) -> Plan:
+    tokens, width = setup.batch_size * setup.seq_len, setup.seq_len
+    adapted = setup.lora_layers or shape.layers
+    layer = layer_activation_bytes(shape, setup, tokens, width)
+    h_bytes = tokens * shape.hidden * setup.act_bytes
+    if setup.grad_checkpoint:
+        # Each layer keeps its input and its output's gradient; one layer is recomputed at a time.
+        acts = adapted * 2 * h_bytes + layer
+    else:
+        acts = adapted * layer
+    # The backward pass of one layer holds gradients on top: of the softmax and the scores,
+    # of the MLP's gate and up outputs, of the layer's input and output.
+    a = setup.act_bytes
+    acts += 2 * setup.batch_size * shape.heads * width * width * a
+    acts += tokens * a * 2 * shape.intermediate + 2 * h_bytes
+    p = lora_params(shape, setup)
+    logits = logits_bytes(shape, setup, tokens)
+    # AdamW: parameters, m and v persist (12 bytes a parameter). The backward pass adds this
+    # micro-batch's float32 gradients (and the running sum when accumulating); the update
+    # phase, after the activations are gone, holds the raw and the scaled gradients.
+    grads = 4 * p * (2 if setup.grad_accumulation > 1 else 1)
+    lora = 12 * p + max(grads, 8 * p - acts - logits)
+    parts = {
+        "weights": weight_bytes(shape, setup),
+        "lora": lora,
+        "activations": acts,
+        "logits": logits,
+        "overhead": OVERHEAD_BYTES,
+    }
+    return Plan(parts, setup, shape, usable)
+
+
+def usable_for(ram_bytes: float) -> int:
+    """Metal's recommended working set on a Mac with this much memory: about 2/3 up to 36 GB."""
+    return int(ram_bytes * (2 / 3 if ram_bytes <= 36e9 else 3 / 4))
+
+
+def parse_size(text: str) -> int:
+    """'24GB', '24', '24 GiB', '16000MB' -> bytes (GB = 1e9; GiB = 2**30)."""
+    t = str(text).strip().upper().replace(" ", "")
+    units = {"GIB": 2**30, "GB": 1e9, "G": 1e9, "MIB": 2**20, "MB": 1e6, "M": 1e6}
+    for unit, mult in units.items():
+        if t.endswith(unit):
+            return int(float(t[: -len(unit)]) * mult)
+    return int(float(t) * 1e9)
+
+
+def target_keys(targets) -> tuple:
+    """lora.targets (preset or names) -> the linear names the plan counts."""
+    if targets == "attention":
+        return ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj")
+    if targets == "mlp":
+        return ("gate_proj", "up_proj", "down_proj", "gate_up_proj")
+    if targets == "all-linear":
+        return LORA_KEYS
+    names = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else targets
+    return tuple(n.rsplit(".", 1)[-1] for n in names)
+
+
+def padded(n: int, pad_to: int = 32) -> int:
+    """The trainer pads rows to a multiple of 32 tokens (few shapes, few compiles)."""
+    return max(pad_to, math.ceil(n / pad_to) * pad_to)
