@@ -1,11 +1,16 @@
-"""Batches: a deterministic order per epoch, padding to a few widths, token-weighted losses."""
+"""Batches: a deterministic order per epoch, padded or packed rows, token-weighted losses."""
 
+import contextlib
 import math
+from dataclasses import dataclass
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_map
+
+from macft.loss import ce_sum, fused_ce_sum, head_fn
+from macft.packing import PackedCache, collate_packed, packing_supported, per_token_rope
 
 
 def batches_per_epoch(n_examples: int, batch_size: int) -> int:
@@ -70,33 +75,97 @@ def input_tokens(examples) -> int:
     return sum(max(len(e.ids) - 1, 0) for e in examples)
 
 
+@dataclass
+class Batch:
+    inputs: mx.array  # (rows, width)
+    targets: mx.array
+    loss_mask: mx.array  # float 0/1
+    index: mx.array  # flat positions whose loss counts
+    n_targets: int
+    n_inputs: int
+    cache: PackedCache | None = None  # packed rows: positions and the block-diagonal mask
+
+
+def make_batch(examples, pad_id: int, pack: bool = False, pad_to: int = 32) -> Batch:
+    """One micro-batch: examples padded one per row, or packed several to a row."""
+    cache = None
+    if pack:
+        inputs, targets, mask, positions, segments = collate_packed(examples, pad_id, pad_to)
+        cache = PackedCache(mx.array(positions), mx.array(segments))
+        inputs, targets = mx.array(inputs), mx.array(targets)
+    else:
+        inputs, targets, mask, _ = collate(examples, pad_id, pad_to)
+        mask = np.asarray(mask)
+    index = np.flatnonzero(np.asarray(mask).reshape(-1) > 0).astype(np.int32)
+    return Batch(
+        inputs, targets, mx.array(mask), mx.array(index), len(index), input_tokens(examples), cache
+    )
+
+
 def loss_sum(model, inputs, targets, mask):
-    """Sum of per-token cross-entropy over target tokens (not the mean: steps weigh by tokens)."""
+    """Sum of per-token cross-entropy over target tokens (not the mean: steps weigh by tokens).
+
+    The reference: full logits for every position. batch_loss gives the same, faster.
+    """
     logits = model(inputs).astype(mx.float32)
     return (nn.losses.cross_entropy(logits, targets) * mask).sum()
 
 
-def accumulate(loss_and_grad, model, batches, pad_id: int, seeds=None):
+def batch_loss(model, batch: Batch, loss_chunk: int = 0, grad: bool = True):
+    """loss_sum of a Batch; with loss_chunk, the LM head runs only on target positions."""
+    caches = None if batch.cache is None else [batch.cache] * len(model.layers)
+    head = head_fn(model) if loss_chunk else None
+    if head is None:
+        logits = model(batch.inputs, cache=caches).astype(mx.float32)
+        return (nn.losses.cross_entropy(logits, batch.targets) * batch.loss_mask).sum()
+    h = model.model(batch.inputs, cache=caches)
+    h = h.reshape(-1, h.shape[-1])[batch.index]
+    targets = batch.targets.reshape(-1)[batch.index]
+    return (fused_ce_sum if grad else ce_sum)(head, h, targets, loss_chunk)
+
+
+def packing_context(model, pack: bool):
+    return per_token_rope(model) if pack else contextlib.nullcontext()
+
+
+def can_pack(model) -> bool:
+    return packing_supported(model)
+
+
+def accumulate(loss_and_grad, model, batches, pad_id: int, seeds=None, pack=False, loss_chunk=0):
     """(loss sum, gradient sums, target tokens, input tokens) over micro-batches.
 
-    Dividing both sums by the target tokens afterwards weighs every token equally, so
-    4 micro-batches of 1 give the same update as 1 batch of 4.
+    `loss_and_grad` is nn.value_and_grad(model, batch_loss). Dividing both sums by the target
+    tokens afterwards weighs every token equally, so 4 micro-batches of 1 give the same update
+    as 1 batch of 4, packed or not.
     """
     grads, loss, n_targets, n_inputs = None, mx.array(0.0), 0, 0
-    for i, batch in enumerate(batches):
-        if seeds is not None:
-            mx.random.seed(seeds[i])
-        inputs, targets, mask, n = collate(batch, pad_id)
-        mb_loss, mb_grads = loss_and_grad(model, inputs, targets, mask)
-        grads = mb_grads if grads is None else tree_map(mx.add, grads, mb_grads)
-        loss = loss + mb_loss
-        mx.eval(loss, grads)  # keep the graph one micro-batch deep
-        n_targets += n
-        n_inputs += input_tokens(batch)
+    with packing_context(model, pack):
+        for i, examples in enumerate(batches):
+            if seeds is not None:
+                mx.random.seed(seeds[i])
+            batch = make_batch(examples, pad_id, pack)
+            if not batch.n_targets:
+                n_inputs += batch.n_inputs
+                continue
+            mb_loss, mb_grads = loss_and_grad(model, batch, loss_chunk)
+            grads = mb_grads if grads is None else tree_map(mx.add, grads, mb_grads)
+            loss = loss + mb_loss
+            mx.eval(loss, grads)  # keep the graph one micro-batch deep
+            n_targets += batch.n_targets
+            n_inputs += batch.n_inputs
     return loss, grads, n_targets, n_inputs
 
 
-def evaluate(model, valid_set, batch_size: int, pad_id: int, max_batches: int = 0):
+def evaluate(
+    model,
+    valid_set,
+    batch_size: int,
+    pad_id: int,
+    max_batches: int = 0,
+    pack: bool = False,
+    loss_chunk: int = 0,
+):
     """Token-weighted mean loss over the validation set (or its first max_batches batches)."""
     if not valid_set:
         return None
@@ -108,11 +177,12 @@ def evaluate(model, valid_set, batch_size: int, pad_id: int, max_batches: int = 
     model.eval()
     total, tokens = 0.0, 0
     try:
-        for idx in batches:
-            inputs, targets, mask, n = collate([valid_set[i] for i in idx], pad_id)
-            if n:
-                total += loss_sum(model, inputs, targets, mask).item()
-                tokens += n
+        with packing_context(model, pack):
+            for idx in batches:
+                batch = make_batch([valid_set[i] for i in idx], pad_id, pack)
+                if batch.n_targets:
+                    total += batch_loss(model, batch, loss_chunk, grad=False).item()
+                    tokens += batch.n_targets
     finally:
         model.train(was_training)
     return total / tokens if tokens else None

@@ -15,9 +15,17 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
 from macft import backend
-from macft.batches import accumulate, batch_order, batches_per_epoch, evaluate, loss_sum
+from macft.batches import (
+    accumulate,
+    batch_loss,
+    batch_order,
+    batches_per_epoch,
+    can_pack,
+    evaluate,
+)
 from macft.errors import DataError, RunError
 from macft.lora import adapter_weights, load_adapter_weights
+from macft.qmatmul import float_matmuls
 
 DEFAULT_EPOCHS = 2.0  # the recipe's default when neither iters nor epochs is set
 
@@ -41,6 +49,8 @@ class TrainConfig:
     seed: int = 0
     early_stopping: int = 0  # evals without val-loss improvement before stopping; 0 = off
     report_every: int = 5
+    pack: bool = True  # several examples per row (block-diagonal mask, positions from 0)
+    loss_chunk: int = 256  # LM head + loss on target positions only, this many at a time; 0 = off
 
 
 @dataclass
@@ -195,7 +205,9 @@ def train(
 
     optimizer = optim.AdamW(learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay)
     optimizer.init(model.trainable_parameters())
-    loss_and_grad = nn.value_and_grad(model, loss_sum)
+    loss_and_grad = nn.value_and_grad(model, batch_loss)
+    pack = cfg.pack and can_pack(model)
+    fast = {"pack": pack, "loss_chunk": cfg.loss_chunk}
     st = _fresh_state()
     result = TrainResult("finished", 0, total)
 
@@ -208,7 +220,9 @@ def train(
             config,
         )
 
-    with run.lock():
+    # On a CPU, quantized weights are dequantized per matmul (a float BLAS is ~70x faster).
+    float_mm = float_matmuls(model, enabled=not backend.metal_available())
+    with run.lock(), float_mm:
         if resume and (ckpt := run.latest_checkpoint()) is not None:
             adapters, opt_state, saved = run.load_checkpoint(ckpt)
             load_adapter_weights(model, adapters)
@@ -222,7 +236,7 @@ def train(
         backend.reset_peak_memory()
         if st["step"] == 0 and valid_set and cfg.eval_every and not run.read_metrics():
             # The untrained model's validation loss: the figure every later one is judged by.
-            val = evaluate(model, valid_set, bs, pad_id, cfg.eval_batches)
+            val = evaluate(model, valid_set, bs, pad_id, cfg.eval_batches, **fast)
             report = _report(st, 0.0, total, per_epoch, val, final=False)
             run.append_metrics(report)
             if on_report is not None:
@@ -242,7 +256,7 @@ def train(
                         idx, epoch, index = next_batch(epoch, index)
                         batches.append([train_set[i] for i in idx])
                     loss, grads, n_targets, n_inputs = accumulate(
-                        loss_and_grad, model, batches, pad_id, seeds
+                        loss_and_grad, model, batches, pad_id, seeds, **fast
                     )
                     lr = lr_at(step, cfg, total)
                     step_loss = loss.item() / max(n_targets, 1)
@@ -266,7 +280,7 @@ def train(
                     last = step == total
                     val = None
                     if valid_set and (last or (cfg.eval_every and step % cfg.eval_every == 0)):
-                        val = evaluate(model, valid_set, bs, pad_id, cfg.eval_batches)
+                        val = evaluate(model, valid_set, bs, pad_id, cfg.eval_batches, **fast)
                     stop = False
                     if val is not None:
                         st["val_loss"] = val

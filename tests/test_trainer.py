@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import build_tiny_model, save_tiny_model_dir
 
-from macft.batches import accumulate, batch_order, collate, evaluate, loss_sum
+from macft.batches import accumulate, batch_loss, batch_order, collate, evaluate, loss_sum
 from macft.errors import DataError
 from macft.lora import adapter_weights, apply_lora
 from macft.run_dir import RunDir
@@ -84,19 +84,21 @@ def test_training_lowers_the_loss(tmp_path):
     assert result.losses[40] < result.losses[1]
 
 
-def test_accumulated_grads_equal_one_big_batch():
+@pytest.mark.parametrize("pack,chunk", [(False, 0), (True, 0), (True, 16), (False, 256)])
+def test_accumulated_grads_equal_one_big_batch(pack, chunk):
     data = counting_examples(4)  # four different lengths: padding differs per micro-batch
     model, _ = lora_model()
-    lg = nn.value_and_grad(model, loss_sum)
-    loss1, g1, n1, _ = accumulate(lg, model, [[e] for e in data], PAD)
-    loss4, g4, n4, _ = accumulate(lg, model, [data], PAD)
+    lg = nn.value_and_grad(model, batch_loss)
+    fast = {"pack": pack, "loss_chunk": chunk}
+    loss1, g1, n1, _ = accumulate(lg, model, [[e] for e in data], PAD, **fast)
+    loss4, g4, n4, _ = accumulate(lg, model, [data], PAD, **fast)
     assert n1 == n4
     assert abs(loss1.item() - loss4.item()) < 1e-3 * abs(loss4.item())
     weights_close(
         {k: v / n1 for k, v in _flat(g1).items()}, {k: v / n4 for k, v in _flat(g4).items()}, 1e-6
     )
     # The naive mean of per-batch means differs: the test data does tell the two apart.
-    means = [accumulate(lg, model, [[e]], PAD) for e in data]
+    means = [accumulate(lg, model, [[e]], PAD, **fast) for e in data]
     naive = sum(_flat(g)["model.layers.0.self_attn.q_proj.lora_b"] / n for _, g, n, _ in means)
     right = _flat(g4)["model.layers.0.self_attn.q_proj.lora_b"] / n4 * len(data)
     assert not mx.allclose(naive, right, atol=1e-5)
@@ -108,16 +110,20 @@ def _flat(tree):
     return dict(tree_flatten(tree))
 
 
-def test_accumulation_4x1_equals_batch_4_update(tmp_path):
+@pytest.mark.parametrize("pack", [True, False])
+def test_accumulation_4x1_equals_batch_4_update(tmp_path, pack):
     data = counting_examples(4)
-    common = dict(iters=3, learning_rate=1e-2, warmup=0, eval_every=0, save_every=0)
+    common = dict(iters=3, learning_rate=1e-2, warmup=0, eval_every=0, save_every=0, pack=pack)
     m1, info = lora_model()
     train(m1, data, [], TrainConfig(batch_size=1, grad_accumulation=4, **common),
           new_run(tmp_path, "a"), PAD, lora_info=info)  # fmt: skip
     m4, info = lora_model()
     train(m4, data, [], TrainConfig(batch_size=4, grad_accumulation=1, **common),
           new_run(tmp_path, "b"), PAD, lora_info=info)  # fmt: skip
-    weights_close(adapter_weights(m1), adapter_weights(m4), 1e-5)
+    # Packing sums the same tokens in another order; Adam's g/sqrt(v) amplifies that float32
+    # rounding on near-zero gradients to ~1e-5 after 3 steps of 1e-2. The exact gradient
+    # equality is pinned in test_accumulated_grads_equal_one_big_batch.
+    weights_close(adapter_weights(m1), adapter_weights(m4), 5e-5)
 
 
 def _stop_at(step):
@@ -128,11 +134,12 @@ def _stop_at(step):
     return on_report
 
 
-def test_resume_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("pack", [True, False])
+def test_resume_equals_uninterrupted(tmp_path, pack):
     data = counting_examples(7)  # 7 examples, batch 2: a smaller last batch, epochs wrap
     cfg = TrainConfig(
         iters=10, batch_size=2, grad_accumulation=2, learning_rate=5e-3, warmup=3,
-        eval_every=4, save_every=3, report_every=1, seed=3,
+        eval_every=4, save_every=3, report_every=1, seed=3, pack=pack,
     )  # fmt: skip
     straight, info = lora_model(dropout=0.2)
     run_a = new_run(tmp_path, "a")
@@ -273,9 +280,10 @@ def test_grad_checkpointing_gives_the_same_gradients():
     weights_close(_flat(grads), _flat(grads_ck), 1e-5)
 
 
-def test_grad_checkpoint_training_matches(tmp_path):
+@pytest.mark.parametrize("pack", [True, False])
+def test_grad_checkpoint_training_matches(tmp_path, pack):
     data = counting_examples(4)
-    cfg = dict(iters=2, batch_size=2, learning_rate=1e-2, warmup=0, eval_every=0)
+    cfg = dict(iters=2, batch_size=2, learning_rate=1e-2, warmup=0, eval_every=0, pack=pack)
     a, info = lora_model()
     train(a, data, [], TrainConfig(**cfg), new_run(tmp_path, "a"), PAD, lora_info=info)
     b, info = lora_model()
