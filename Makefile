@@ -44,8 +44,10 @@ demo: install
 	rm -rf runs/demo
 	$(BIN)/macft train --recipe smollm2-135m-net --out runs/demo --set train.iters=$(DEMO_ITERS)
 
+# macft vs mlx_lm lora on the same job (float32 and 4-bit), then each speed-up on its own.
 bench: install
-	$(PRELOAD) $(BIN)/python bench/bench_train.py
+	$(PRELOAD) $(BIN)/python bench/bench_vs_mlx_lm.py $(BENCH_ARGS)
+	$(PRELOAD) $(BIN)/python bench/bench_step.py --steps 3
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info .pytest_cache

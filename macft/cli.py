@@ -41,7 +41,8 @@ def cli():
     help="Override any recipe key, e.g. train.iters=200.",
 )
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
-def train(recipe, model, data, out, sets, resume):
+@click.option("--force", is_flag=True, help="Start even when the memory plan says it will not fit.")
+def train(recipe, model, data, out, sets, resume, force):
     """Train LoRA adapters on a base model.
 
     \b
@@ -52,7 +53,138 @@ def train(recipe, model, data, out, sets, resume):
     from macft.train import run_train
 
     shorthands = {"model.path": model, "data.path": data, "out": out}
-    run_train(recipe, tuple(sets), shorthands, resume, Console())
+    run_train(recipe, tuple(sets), shorthands, resume, Console(), force=force)
+
+
+@cli.command()
+@click.argument("target", required=False)
+@click.option("--model", "-m", help="Chat with this model; with a run: the base, if it moved.")
+@click.option("--checkpoint", "-c", help="A run's checkpoint: best or step-N (default: final).")
+@click.option("--compare", is_flag=True, help="Answer with the base and the fine-tune.")
+@click.option("--prompt", "-p", help="Answer this once and exit ('-' reads it from stdin).")
+@click.option("--system", "-s", help="System prompt (default: the run's data.system).")
+@click.option("--temp", type=click.FloatRange(0, 10), default=0.7, help="Default 0.7; 0 is greedy.")
+@click.option("--top-p", type=click.FloatRange(0, 1), default=0.9, help="Default 0.9.")
+@click.option("--max-tokens", type=click.IntRange(1), default=512, help="Per answer; default 512.")
+@click.option("--seed", type=int, help="Seed each answer's sampling, for reproducible runs.")
+def chat(target, model, checkpoint, compare, prompt, system, temp, top_p, max_tokens, seed):
+    """Talk to a base model, a fine-tune, or both side by side.
+
+    \b
+    macft chat --model smollm2-135m
+    macft chat runs/net
+    macft chat runs/net --compare
+    macft chat runs/net --prompt "show bgp summary in junos?" --temp 0
+    """
+    from macft.chat_repl import run_chat
+
+    sampling = {"temp": temp, "top_p": top_p, "max_tokens": max_tokens, "seed": seed}
+    run_chat(target, model, checkpoint, compare, prompt, system, sampling)
+
+
+@cli.command("eval")
+@click.argument("run")
+@click.option("--data", "-d", required=True, help="Held-out .jsonl file (same formats as train).")
+@click.option(
+    "--metric",
+    default="loss",
+    show_default=True,
+    help="loss, or answers scored by exact, contains, f1 or all (comma-separated).",
+)
+@click.option("--limit", type=click.IntRange(1), help="Only the first N examples.")
+@click.option(
+    "--split-on",
+    default="A: ",
+    show_default=True,
+    help="Text data: the reference answer is what follows the last occurrence of this.",
+)
+@click.option("--case-sensitive", is_flag=True, help="Exact/contains/F1 respect case.")
+@click.option(
+    "--forget-threshold",
+    type=click.FloatRange(0),
+    default=10.0,
+    show_default=True,
+    help="Warn when general-text perplexity grows more than this many percent.",
+)
+@click.option("--checkpoint", "-c", help="best or step-N (default: the final adapters).")
+@click.option("--model", "-m", help="The base model, if it moved since training.")
+def eval_cmd(
+    run, data, metric, limit, split_on, case_sensitive, forget_threshold, checkpoint, model
+):
+    """Did the fine-tune help, and what did it forget? Base vs fine-tune on held-out data.
+
+    \b
+    macft eval runs/net --data net_test.jsonl
+    macft eval runs/wikisql --data test.jsonl --metric exact --limit 100
+    """
+    from macft.eval_run import run_eval
+
+    run_eval(
+        run, data, metric, limit, split_on, case_sensitive, forget_threshold, checkpoint, model
+    )
+
+
+@cli.command()
+@click.argument("run")
+@click.option("--out", "-o", help="Where to write the page (default RUN/report.html).")
+def report(run, out):
+    """Write RUN/report.html: loss curves, eval tables and sample answers on one page."""
+    from macft.report import write_report
+
+    path = write_report(run, out)
+    click.echo(f"report: {path}")
+
+
+@cli.command()
+def models():
+    """The models macft knows by name (--model ALIAS)."""
+    from macft.info_cmds import print_models
+
+    print_models(Console())
+
+
+@cli.group(invoke_without_command=True)
+@click.pass_context
+def recipes(ctx):
+    """List the shipped recipes; `macft recipes show NAME` prints one."""
+    if ctx.invoked_subcommand is None:
+        from macft.info_cmds import print_recipes
+
+        print_recipes(Console())
+
+
+@recipes.command("show")
+@click.argument("name")
+def recipes_show(name):
+    """Print a shipped recipe (or a recipe file)."""
+    from macft.info_cmds import show_recipe
+
+    click.echo(show_recipe(name), nl=False)
+
+
+@cli.command()
+@click.option(
+    "--model", "-m", help="Base model: alias, folder or GGUF (weights not needed for aliases)."
+)
+@click.option("--data", "-d", help="Training data whose lengths decide the sequence length.")
+@click.option("--recipe", "-r", help="A recipe file, or the name of a shipped recipe.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a recipe key.")
+@click.option(
+    "--memory", help="Plan for a Mac with this much memory, e.g. 24GB (default: this machine)."
+)
+@click.option(
+    "--fit", is_flag=True, help="Apply the changes that make it fit and print the recipe."
+)
+def plan(model, data, recipe, sets, memory, fit):
+    """Predict peak memory of a training run, and what to change when it does not fit.
+
+    \b
+    macft plan --model llama-3.1-8b --data net.jsonl --memory 24GB
+    macft plan --recipe qwen3-8b-24gb --data net.jsonl --fit
+    """
+    from macft.info_cmds import run_plan
+
+    run_plan(model, data, recipe, sets, memory, fit, Console(width=120))
 
 
 def main():

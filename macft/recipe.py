@@ -69,6 +69,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "seed": Key(0, "int", lo=0),
         "early_stopping": Key(0, "int", lo=0, help="evals without improvement; 0 = off"),
         "report_every": Key(5, "int", lo=1),
+        "pack": Key(True, "bool", help="several examples per row; positions restart per example"),
+        "loss_chunk": Key(
+            256, "int", lo=0, help="LM head + loss on target positions only, N at a time; 0 = off"
+        ),
     },
 }
 TOP_LEVEL = {"out": Key(None, "opt_str", help="run folder (default runs/<data name>)")}

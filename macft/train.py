@@ -4,7 +4,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from macft import backend
+from macft import backend, planning
 from macft.data import load_data
 from macft.errors import DataError, RecipeError
 from macft.lora import apply_lora
@@ -51,12 +51,35 @@ def describe_steps(cfg: TrainConfig, n_train: int) -> str:
     return f"{cfg.epochs:g} epochs = {total_steps(cfg, n_train)} steps of {per_step} examples"
 
 
+def describe_speed(cfg: TrainConfig, base) -> str:
+    """Which of the speed-ups this run uses, and how to turn each off."""
+    from macft.batches import can_pack
+
+    if not cfg.pack:
+        rows = "padded rows grouped by length (train.pack=false)"
+    elif can_pack(base.model):
+        rows = "examples packed in rows (train.pack)"
+    else:
+        rows = f"padded rows grouped by length ({base.config.get('model_type')} is not packed)"
+    loss = "full logits"
+    if cfg.loss_chunk:
+        loss = f"loss on target positions, {cfg.loss_chunk} at a time"
+    parts = [rows, loss]
+    if not backend.metal_available():
+        if base.source["compute"] == "quantized":
+            parts.append("quantized weights dequantized per matmul for the CPU's BLAS")
+        else:
+            parts.append("float base on CPU (model.compute=quantized keeps 4-bit)")
+    return "; ".join(parts)
+
+
 def run_train(
     recipe_arg: str | None,
     sets: tuple[str, ...],
     shorthands: dict,
     resume: bool,
     console: Console,
+    force: bool = False,
 ) -> Path:
     if resume and shorthands.get("out") is None and not recipe_arg:
         raise RecipeError("--resume needs the run folder: macft train --resume --out runs/NAME")
@@ -65,6 +88,10 @@ def run_train(
         if not saved.is_file():
             raise RecipeError(f"{saved}: no run to resume there; start one with macft train")
         recipe_arg = str(saved)
+    picked = None
+    if recipe_arg is None and not resume:
+        # `--model llama-3.1-8b` alone: the catalog model's shipped recipe for this memory size.
+        recipe_arg = picked = planning.default_recipe(shorthands.get("model.path"))
     recipe, origin = load_recipe(recipe_arg, sets, shorthands)
     recipe["data"]["path"] = resolve_data_path(recipe["data"]["path"], origin)
     out = Path(recipe["out"]) if recipe["out"] else default_out(recipe)
@@ -78,6 +105,8 @@ def run_train(
         run.check_free()
 
     console.print(f"[bold]macft train[/] -> {out}   backend: {backend.describe()}")
+    if picked:
+        console.print(f"recipe: {picked} (picked for {planning.usable_gb()} usable memory)")
     backend.set_wired_limit()
     m = recipe["model"]
     with console.status(f"loading {m['path']} ..."):
@@ -112,6 +141,8 @@ def run_train(
     console.print(
         f"schedule: {describe_steps(cfg, rep.n_train)}, lr {cfg.learning_rate:g} ({cfg.schedule})"
     )
+    console.print(f"speed: {describe_speed(cfg, base)}")
+    planning.check_before_training(recipe, base.config, base.source, rep.lengths, console, force)
 
     if not resume:
         run.create(recipe, base.source)
