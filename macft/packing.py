@@ -1,12 +1,13 @@
 """Sequence packing: several examples per row, each attending only to itself, positions from 0."""
 
-import contextlib
 import functools
 import math
 
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+
+from macft.patching import swapped_classes
 
 # Architectures whose attention does `rope(q, offset=cache.offset)`, then
 # `cache.update_and_fetch(k, v)`, and takes its mask from `cache.make_mask`: a stand-in cache
@@ -113,18 +114,10 @@ def packing_supported(model) -> bool:
     )
 
 
-@contextlib.contextmanager
 def per_token_rope(model):
     """Let the model's rope modules take a (rows, width) array of positions as their offset."""
-    originals = [(m, type(m)) for m in _ropes(model)]
-    for m, cls in originals:
-        if not getattr(cls, "_per_token", False):
-            m.__class__ = _positioned_class(cls)
-    try:
-        yield
-    finally:
-        for m, cls in originals:
-            m.__class__ = cls
+    ropes = [m for m in _ropes(model) if not getattr(type(m), "_per_token", False)]
+    return swapped_classes(ropes, _positioned_class)
 
 
 def collate_packed(examples, pad_id: int, pad_to: int = 32, max_width: int | None = None):

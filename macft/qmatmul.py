@@ -1,10 +1,11 @@
 """QLoRA on a CPU: frozen quantized weights dequantized per matmul, so a fast BLAS does the work."""
 
-import contextlib
 import functools
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from macft.patching import swapped_classes
 
 
 def _dequantize(w, scales, biases, group_size, bits, mode):
@@ -66,15 +67,8 @@ def float_matmul_supported(m) -> bool:
     ) in ("affine", "mxfp4", "mxfp8", "nvfp4")
 
 
-@contextlib.contextmanager
 def float_matmuls(model, enabled: bool = True):
     """Swap the classes of quantized linears (and a tied quantized head) for the duration."""
-    found = [(m, type(m)) for _, m in model.named_modules() if float_matmul_supported(m)]
-    found = [(m, cls) for m, cls in found if enabled and not getattr(cls, "_float_mm", False)]
-    for m, cls in found:
-        m.__class__ = _float_class(cls)
-    try:
-        yield
-    finally:
-        for m, cls in found:
-            m.__class__ = cls
+    found = [m for _, m in model.named_modules() if float_matmul_supported(m)]
+    found = [m for m in found if enabled and not getattr(type(m), "_float_mm", False)]
+    return swapped_classes(found, _float_class)

@@ -25,6 +25,7 @@ from macft.batches import (
 )
 from macft.errors import DataError, RunError
 from macft.lora import adapter_weights, load_adapter_weights
+from macft.patching import swapped_classes
 from macft.qmatmul import float_matmuls
 
 DEFAULT_EPOCHS = 2.0  # the recipe's default when neither iters nor epochs is set
@@ -111,7 +112,6 @@ def _checkpointed_class(cls):
     return type(cls.__name__, (cls,), {"__call__": __call__})
 
 
-@contextlib.contextmanager
 def grad_checkpointing(model, enabled: bool = True):
     """Recompute each transformer layer in the backward pass instead of keeping activations.
 
@@ -119,14 +119,7 @@ def grad_checkpointing(model, enabled: bool = True):
     the parameter names do not change (unlike wrapping the layer in another module).
     """
     layers = list(getattr(model, "layers", [])) if enabled else []
-    originals = [(layer, type(layer)) for layer in layers]
-    for layer, cls in originals:
-        layer.__class__ = _checkpointed_class(cls)
-    try:
-        yield
-    finally:
-        for layer, cls in originals:
-            layer.__class__ = cls
+    return swapped_classes(layers, _checkpointed_class)
 
 
 @contextlib.contextmanager
