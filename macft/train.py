@@ -12,7 +12,8 @@ from macft.models import load_base
 from macft.progress import TrainProgress
 from macft.recipe import dump, load_recipe
 from macft.run_dir import RunDir
-from macft.trainer import TrainConfig, total_steps, train
+from macft.schedule import total_steps
+from macft.trainer import TrainConfig, train
 
 PACKAGE_DIR = Path(__file__).parent
 

@@ -1,8 +1,6 @@
 """The training loop: token-weighted accumulation, LR schedule, eval, checkpoints and exact resume."""
 
 import contextlib
-import functools
-import math
 import signal
 import threading
 import time
@@ -11,7 +9,6 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
 from macft import backend
@@ -25,10 +22,9 @@ from macft.batches import (
 )
 from macft.errors import DataError, RunError
 from macft.lora import adapter_weights, load_adapter_weights
-from macft.patching import swapped_classes
 from macft.qmatmul import float_matmuls
-
-DEFAULT_EPOCHS = 2.0  # the recipe's default when neither iters nor epochs is set
+from macft.recompute import grad_checkpointing
+from macft.schedule import lr_at, micro_seed, total_steps
 
 
 @dataclass
@@ -64,62 +60,6 @@ class TrainResult:
     val_loss: float | None = None  # the last validation loss
     stopped_early: bool = False
     losses: dict[int, float] = field(default_factory=dict)  # step -> train loss, this call only
-
-
-def total_steps(cfg: TrainConfig, n_train: int) -> int:
-    if cfg.iters is not None:
-        return cfg.iters
-    epochs = cfg.epochs if cfg.epochs is not None else DEFAULT_EPOCHS
-    per_epoch = batches_per_epoch(n_train, cfg.batch_size)
-    return max(1, math.ceil(epochs * per_epoch / cfg.grad_accumulation))
-
-
-def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
-    """Learning rate of optimizer step `step` (1-based): linear warmup from 0, then cosine decay
-    reaching min_lr_ratio * lr exactly at the last step (or constant)."""
-    lr = cfg.learning_rate
-    warmup = min(cfg.warmup, total)
-    if step <= warmup:
-        return lr * step / warmup
-    if cfg.schedule == "constant" or total <= warmup:
-        return lr
-    progress = (step - warmup) / (total - warmup)
-    low = lr * cfg.min_lr_ratio
-    return low + (lr - low) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def micro_seed(seed: int, step: int, micro: int) -> int:
-    # Dropout masks depend on (seed, step, micro-batch) only, so a resumed run draws the same.
-    return int(np.random.SeedSequence([seed, step, micro]).generate_state(1, np.uint64)[0])
-
-
-@functools.cache
-def _checkpointed_class(cls):
-    call = cls.__call__
-
-    def __call__(self, *args, **kwargs):
-        # The backward pass runs the layer again; dropout there must draw the same masks as in
-        # the forward pass, so the layer reseeds the RNG with a number drawn once, here.
-        seed = int(mx.random.randint(0, 1 << 31, ()).item())
-
-        def inner(params, *args, **kwargs):
-            mx.random.seed(seed)
-            self.update(params)
-            return call(self, *args, **kwargs)
-
-        return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
-
-    return type(cls.__name__, (cls,), {"__call__": __call__})
-
-
-def grad_checkpointing(model, enabled: bool = True):
-    """Recompute each transformer layer in the backward pass instead of keeping activations.
-
-    Python finds __call__ on the class, so each layer gets a subclass for the duration;
-    the parameter names do not change (unlike wrapping the layer in another module).
-    """
-    layers = list(getattr(model, "layers", [])) if enabled else []
-    return swapped_classes(layers, _checkpointed_class)
 
 
 @contextlib.contextmanager

@@ -150,7 +150,7 @@ def test_packing_is_only_claimed_for_known_architectures():
 
 
 def test_grad_checkpointing_with_packing_gives_the_same_gradients():
-    from macft.trainer import grad_checkpointing
+    from macft.recompute import grad_checkpointing
 
     data = counting_examples(4)
     model = trained_lora()

@@ -13,12 +13,11 @@ from conftest import build_tiny_model, save_tiny_model_dir
 from macft.batches import accumulate, batch_loss, batch_order, collate, evaluate, loss_sum
 from macft.errors import DataError
 from macft.lora import adapter_weights, apply_lora
+from macft.recompute import grad_checkpointing
 from macft.run_dir import RunDir
+from macft.schedule import lr_at, total_steps
 from macft.trainer import (
     TrainConfig,
-    grad_checkpointing,
-    lr_at,
-    total_steps,
     train,
 )
 
