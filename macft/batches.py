@@ -142,6 +142,8 @@ def accumulate(loss_and_grad, model, batches, pad_id: int, seeds=None, pack=Fals
     grads, loss, n_targets, n_inputs = None, mx.array(0.0), 0, 0
     with packing_context(model, pack):
         for i, examples in enumerate(batches):
+            if not examples:  # a rank's share of a small last batch can be empty
+                continue
             if seeds is not None:
                 mx.random.seed(seeds[i])
             batch = make_batch(examples, pad_id, pack)
@@ -165,8 +167,13 @@ def evaluate(
     max_batches: int = 0,
     pack: bool = False,
     loss_chunk: int = 0,
+    shard: tuple[int, int] = (0, 1),
+    reduce=None,
 ):
-    """Token-weighted mean loss over the validation set (or its first max_batches batches)."""
+    """Token-weighted mean loss over the validation set (or its first max_batches batches).
+
+    Data parallel: shard=(rank, size) evaluates every size-th example of each batch and
+    reduce(loss sum, tokens) adds up the ranks' sums."""
     if not valid_set:
         return None
     lengths = [len(e.ids) for e in valid_set]
@@ -179,10 +186,15 @@ def evaluate(
     try:
         with packing_context(model, pack):
             for idx in batches:
+                idx = idx[shard[0] :: shard[1]]
+                if not idx:
+                    continue
                 batch = make_batch([valid_set[i] for i in idx], pad_id, pack)
                 if batch.n_targets:
                     total += batch_loss(model, batch, loss_chunk, grad=False).item()
                     tokens += batch.n_targets
     finally:
         model.train(was_training)
+    if reduce is not None:
+        total, tokens = reduce(total, tokens)
     return total / tokens if tokens else None

@@ -12,8 +12,9 @@ from mlx_lm.sample_utils import make_sampler
 
 from macft.errors import MacftError, ModelError, RunError
 from macft.lora import LoRALinear, apply_lora, load_adapter_weights
+from macft.lora_switch import LoRASwitchLinear
 from macft.models import ALIASES, load_base
-from macft.run_dir import CHECKPOINT_RE, RunDir
+from macft.run_dir import CHECKPOINT_RE, RunDir, atomic_write_bytes
 
 __all__ = ["ChatModel", "ChatSession", "Side", "load_chat_model", "lora_disabled"]
 
@@ -26,6 +27,8 @@ class ChatModel:
     adapters: Path | None = None  # the adapters.safetensors file, when a run was loaded
     system: str | None = None  # the run's data.system
     notes: list[str] = field(default_factory=list)  # things the user should be told
+    config: dict = field(default_factory=dict)  # the base's config.json
+    source: dict = field(default_factory=dict)  # where the base came from (base.json)
 
 
 @contextlib.contextmanager
@@ -38,7 +41,7 @@ def lora_disabled(model: nn.Module):
     swapped = []
     for _, module in model.named_modules():
         for key, child in module.children().items():
-            if isinstance(child, LoRALinear):
+            if isinstance(child, (LoRALinear, LoRASwitchLinear)):
                 swapped.append((module, key, child))
             elif isinstance(child, list):
                 swapped += [(child, i, c) for i, c in enumerate(child) if isinstance(c, LoRALinear)]
@@ -90,11 +93,17 @@ def _lora_settings(run: RunDir) -> tuple[dict, dict, str]:
     if run.recipe_path.is_file():
         recipe = run.recipe()
         lo = recipe.get("lora", {})
-        keys = ("rank", "alpha", "dropout", "targets", "layers", "dora")
+        keys = ("rank", "alpha", "dropout", "targets", "layers", "dora", "router")
         return recipe.get("model", {}), {k: lo[k] for k in keys if k in lo}, str(run.recipe_path)
     if not run.config_path.is_file():
         return {}, {}, ""
-    cfg = json.loads(run.config_path.read_text(encoding="utf-8"))  # e.g. adapters mlx-lm wrote
+    try:
+        cfg = json.loads(run.config_path.read_text(encoding="utf-8"))  # e.g. mlx-lm's adapters
+    except (ValueError, OSError) as e:
+        raise RunError(
+            f"{run.config_path}: not readable JSON ({e}); fix it, or copy the adapter_config.json "
+            "written with these adapters"
+        ) from None
     p, layers = cfg.get("lora_parameters", {}), cfg.get("num_layers")
     lora = {
         "rank": p.get("rank", 8),
@@ -120,9 +129,12 @@ def _load_base(path: str, model_cfg: dict, origin: str | None):
 
 
 def load_chat_model(
-    target: str | None, model: str | None = None, checkpoint: str | None = None
+    target: str | None, model: str | None = None, checkpoint: str | None = None, base_loader=None
 ) -> ChatModel:
-    """A run folder (base + adapters), a model (folder, GGUF, alias), or --model alone."""
+    """A run folder (base + adapters), a model (folder, GGUF, alias), or --model alone.
+
+    base_loader(path, model section, origin) -> Base replaces how a run's base loads (fuse).
+    """
     if target is None:
         if model is None:
             raise MacftError(
@@ -133,7 +145,7 @@ def load_chat_model(
     p = Path(target).expanduser()
     run = RunDir(p)
     if p.is_dir() and (run.holds_run() or run.config_path.is_file()):
-        return _load_run(run, model, checkpoint)
+        return _load_run(run, model, checkpoint, base_loader or _load_base)
     if checkpoint is not None:
         raise RunError(f"--checkpoint needs a run folder; {target} is not one")
     if model is not None:
@@ -157,10 +169,12 @@ def load_chat_model(
             f"a model folder, a .gguf file or an alias ({', '.join(ALIASES)}); or {_train_hint(p)}"
         )
     base.model.eval()
-    return ChatModel(base.model, base.tokenizer, str(target))
+    return ChatModel(
+        base.model, base.tokenizer, str(target), config=base.config, source=base.source
+    )
 
 
-def _load_run(run: RunDir, model: str | None, checkpoint: str | None) -> ChatModel:
+def _load_run(run: RunDir, model: str | None, checkpoint: str | None, loader) -> ChatModel:
     adapters, note = pick_adapters(run, checkpoint)
     model_cfg, lora_kw, origin = _lora_settings(run)
     base_path = model or model_cfg.get("path")
@@ -169,14 +183,26 @@ def _load_run(run: RunDir, model: str | None, checkpoint: str | None) -> ChatMod
             f"{run.path}: no recipe.yaml says which base these adapters belong to; "
             f"name it: macft chat {run.path} --model PATH"
         )
-    base = _load_base(base_path, model_cfg, None if model else origin)
-    depth = len(getattr(base.model, "layers", None) or [])
-    if isinstance(lora_kw.get("layers"), int) and lora_kw["layers"] > depth:
-        lora_kw["layers"] = "all"  # mlx-lm's num_layers may exceed the model's depth
     try:
         weights = mx.load(str(adapters))
     except (OSError, ValueError, RuntimeError) as e:
-        raise RunError(f"{adapters}: cannot read the adapters ({e})") from None
+        raise RunError(
+            f"{adapters}: cannot read the adapters ({e}); the file is damaged: "
+            "pick a checkpoint with --checkpoint best or step-N, or train again"
+        ) from None
+    ranks = sorted({v.shape[-1] for k, v in weights.items() if k.endswith(".lora_a")})
+    if "rank" not in lora_kw and len(ranks) == 1:
+        lora_kw["rank"] = ranks[0]  # no settings saved with them: the tensors tell
+    elif ranks and lora_kw.get("rank") not in ranks:
+        key = "lora.rank" if origin.endswith(".yaml") else "lora_parameters.rank"
+        raise ModelError(
+            f"{adapters} holds rank-{'/'.join(map(str, ranks))} adapters but {origin} says "
+            f"{key} {lora_kw.get('rank')}; set {key} to the rank they were trained with"
+        )
+    base = loader(base_path, model_cfg, None if model else origin)
+    depth = len(getattr(base.model, "layers", None) or [])
+    if isinstance(lora_kw.get("layers"), int) and lora_kw["layers"] > depth:
+        lora_kw["layers"] = "all"  # mlx-lm's num_layers may exceed the model's depth
     try:
         apply_lora(base.model, **lora_kw)
     except MacftError as e:
@@ -186,13 +212,21 @@ def _load_run(run: RunDir, model: str | None, checkpoint: str | None) -> ChatMod
     except ModelError:
         raise ModelError(
             f"{adapters} does not fit the base {base_path} (tensor names or shapes differ); "
-            "were these adapters trained on another model?"
+            f"were these adapters trained on another model? Name that base: macft chat {run.path} "
+            "--model PATH"
         ) from None
     mx.eval(base.model.parameters())
     base.model.eval()  # no LoRA dropout while generating
     system = (run.recipe().get("data") or {}).get("system") if run.recipe_path.is_file() else None
     return ChatModel(
-        base.model, base.tokenizer, base_path, adapters, system, [note] if note else []
+        base.model,
+        base.tokenizer,
+        base_path,
+        adapters,
+        system,
+        [note] if note else [],
+        base.config,
+        base.source,
     )
 
 
@@ -293,8 +327,12 @@ class ChatSession:
         p = Path(path).expanduser()
         try:
             p.parent.mkdir(parents=True, exist_ok=True)
-            with p.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            old = p.read_bytes() if p.is_file() else b""
+            if old and not old.endswith(b"\n"):
+                old += b"\n"
+            # The whole file is rewritten under a temp name: a kill never leaves a torn line.
+            line = json.dumps(rec, ensure_ascii=False) + "\n"
+            atomic_write_bytes(p, old + line.encode("utf-8"))
         except OSError as e:
             raise MacftError(f"cannot write {p}: {e.strerror}; give another file") from None
         return sum(m["role"] == "assistant" for m in rec["messages"]), dropped

@@ -42,18 +42,34 @@ def cli():
 )
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
 @click.option("--force", is_flag=True, help="Start even when the memory plan says it will not fit.")
-def train(recipe, model, data, out, sets, resume, force):
+@click.option(
+    "--hosts",
+    help="Train on several Macs at once, e.g. mac1.local,mac2.local (batch_size per Mac; "
+    "127.0.0.1,127.0.0.1 runs two processes here).",
+)
+@click.option("--hostfile", help="An mlx.launch hostfile (JSON) instead of --hosts.")
+def train(recipe, model, data, out, sets, resume, force, hosts, hostfile):
     """Train LoRA adapters on a base model.
 
     \b
     macft train --model smollm2-135m --data examples/net.jsonl
     macft train --recipe smollm2-135m-net --set train.iters=200
     macft train --resume --out runs/net
+    macft train --recipe r.yaml --hosts mac1.local,mac2.local
     """
+    from macft import distributed
     from macft.train import run_train
 
+    if hosts or hostfile:
+        from macft.hosts import command_argv, launch
+
+        launch(command_argv(click.get_current_context()), hosts, hostfile)
+        return
+    world = distributed.init()  # one rank of several when mlx.launch started this process
     shorthands = {"model.path": model, "data.path": data, "out": out}
-    run_train(recipe, tuple(sets), shorthands, resume, Console(), force=force)
+    with distributed.labelled(world):
+        console = Console(quiet=not world.main)
+        run_train(recipe, tuple(sets), shorthands, resume, console, force=force, world=world)
 
 
 @cli.command()
@@ -80,6 +96,65 @@ def chat(target, model, checkpoint, compare, prompt, system, temp, top_p, max_to
 
     sampling = {"temp": temp, "top_p": top_p, "max_tokens": max_tokens, "seed": seed}
     run_chat(target, model, checkpoint, compare, prompt, system, sampling)
+
+
+@cli.command()
+@click.argument("run")
+@click.option("--out", "-o", help="Where the export goes (default RUN/export).")
+@click.option(
+    "--dtype",
+    type=click.Choice(["f16", "bf16", "f32"]),
+    help="Float type of the fused weights (default f16; bf16 for bf16 sources, Gemma, --quant bf16).",
+)
+@click.option(
+    "--quantize",
+    type=click.Choice(["4", "8"]),
+    help="Re-quantize the fused MLX folder to 4 or 8 bits.",
+)
+@click.option("--gguf", is_flag=True, help="Write one GGUF file and an Ollama Modelfile.")
+@click.option(
+    "--quant",
+    type=click.Choice(["f16", "bf16", "q8_0", "q4_0", "q4_k_m"]),
+    help="GGUF type (default f16); q4_k_m is what most Ollama users run.",
+)
+@click.option(
+    "--adapter-only", is_flag=True, help="Export the adapters alone (with --gguf or --peft)."
+)
+@click.option("--peft", is_flag=True, help="Write a PEFT adapter folder (HF names, lora_alpha).")
+@click.option("--checkpoint", "-c", help="best or step-N (default: the final adapters).")
+@click.option(
+    "--base-weights",
+    help="Merge into these weights: a full-precision HF folder, any base model, or 'quantized' "
+    "for the run's own quantized base. Default: the run's full-precision source when at hand.",
+)
+@click.option("--name", help="Ollama model name (default: the run folder's name).")
+def fuse(
+    run, out, dtype, quantize, gguf, quant, adapter_only, peft, checkpoint, base_weights, name
+):
+    """Merge a run's adapters into its base: an MLX folder, a GGUF + Modelfile, or PEFT.
+
+    \b
+    macft fuse runs/net
+    macft fuse runs/net --gguf --quant q4_k_m
+    macft fuse runs/net --adapter-only --gguf
+    macft fuse runs/net --peft
+    """
+    from macft.fuse_cmd import run_fuse
+
+    run_fuse(
+        run,
+        out,
+        dtype,
+        int(quantize) if quantize else None,
+        gguf,
+        quant,
+        adapter_only,
+        peft,
+        checkpoint,
+        base_weights,
+        name,
+        Console(soft_wrap=True),  # paths and commands stay whole, ready to copy
+    )
 
 
 @cli.command("eval")
@@ -136,6 +211,21 @@ def report(run, out):
 
 
 @cli.command()
+@click.argument("folders", nargs=-1)
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON, for scripts.")
+def runs(folders, as_json):
+    """List runs: state, steps, best validation loss, size, last update.
+
+    \b
+    macft runs                 # the runs under ./runs
+    macft runs runs/net other/ --json
+    """
+    from macft.runs_cmd import list_runs
+
+    list_runs(folders, as_json, Console())
+
+
+@cli.command()
 def models():
     """The models macft knows by name (--model ALIAS)."""
     from macft.info_cmds import print_models
@@ -175,16 +265,20 @@ def recipes_show(name):
 @click.option(
     "--fit", is_flag=True, help="Apply the changes that make it fit and print the recipe."
 )
-def plan(model, data, recipe, sets, memory, fit):
+@click.option("--hosts", help="Plan for training on these Macs (macft train --hosts).")
+@click.option("--machines", type=click.IntRange(1), help="Plan for training on N Macs.")
+def plan(model, data, recipe, sets, memory, fit, hosts, machines):
     """Predict peak memory of a training run, and what to change when it does not fit.
 
     \b
     macft plan --model llama-3.1-8b --data net.jsonl --memory 24GB
     macft plan --recipe qwen3-8b-24gb --data net.jsonl --fit
     """
+    from macft.hosts import machine_count
     from macft.info_cmds import run_plan
 
-    run_plan(model, data, recipe, sets, memory, fit, Console(width=120))
+    n = machine_count(hosts, machines)
+    run_plan(model, data, recipe, sets, memory, fit, Console(width=120), machines=n)
 
 
 def main():

@@ -35,9 +35,8 @@ def detect_format(rec: dict) -> str | None:
 
 def _check_chat(msgs) -> str | None:
     if not isinstance(msgs, list) or not msgs:
-        return (
-            f"'messages' is {_kind(msgs)}; it must be a non-empty list of {{role, content}} objects"
-        )
+        kind = "an empty list" if msgs == [] else _kind(msgs)
+        return f"'messages' is {kind}; it must be a non-empty list of {{role, content}} objects"
     prev = None
     for n, m in enumerate(msgs, 1):
         if not isinstance(m, dict):
@@ -91,6 +90,11 @@ def _parse_line(raw: bytes) -> tuple[dict | None, str | None]:
         return None, (
             f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
             "save the file as UTF-8"
+        )
+    if text.startswith("\ufeff"):
+        return None, (
+            "starts with a byte order mark (U+FEFF), as when files are joined; "
+            "delete it (only the file's very first line may have one)"
         )
     try:
         rec = json.loads(text)

@@ -19,3 +19,7 @@ class ModelError(MacftError):
 
 class RunError(MacftError):
     """A run folder is missing, busy or inconsistent."""
+
+
+class ExportError(MacftError):
+    """A fuse or export cannot be done (no adapters, unsupported model, no disk space)."""

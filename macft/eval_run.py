@@ -44,7 +44,10 @@ def open_run(path: str) -> RunDir:
     if not p.is_dir():
         raise RunError(f"{p}: no such run folder; give the --out folder of a macft train run")
     if not run.holds_run():
-        raise RunError(f"{p} holds no run (no recipe.yaml, adapters or checkpoints)")
+        raise RunError(
+            f"{p} holds no run (no recipe.yaml, adapters or checkpoints); "
+            "give the --out folder of a macft train run"
+        )
     return run
 
 

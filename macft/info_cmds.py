@@ -58,7 +58,9 @@ def show_recipe(name: str) -> str:
     return find_recipe(name).read_text(encoding="utf-8")
 
 
-def run_plan(model, data, recipe_arg, sets, memory, fit, console: Console) -> mp.Plan:
+def run_plan(
+    model, data, recipe_arg, sets, memory, fit, console: Console, machines: int = 1
+) -> mp.Plan:
     shorthands = {"model.path": model, "data.path": data}
     recipe, origin = load_recipe(recipe_arg, tuple(sets), shorthands)
     from macft.train import resolve_data_path
@@ -75,7 +77,7 @@ def run_plan(model, data, recipe_arg, sets, memory, fit, console: Console) -> mp
         usable, on_mac, where = mp.usable_for(ram), True, f"a {mp.gb(ram)} Mac"
     else:
         usable, on_mac, where = backend.usable_memory_bytes(), backend.metal_available(), "here"
-    plan = planning.make_plan(recipe, shape, seq, usable, on_mac)
+    plan = planning.make_plan(recipe, shape, seq, usable, on_mac, machines)
     s = plan.setup
 
     console.print(f"[bold]memory plan[/] for {m} ({shape_from}), {s.compute} base")
@@ -88,6 +90,12 @@ def run_plan(model, data, recipe_arg, sets, memory, fit, console: Console) -> mp
             else ""
         )
     )
+    if machines > 1:
+        console.print(
+            f"{machines} machines: each trains batch {s.batch_size} x {s.grad_accumulation} "
+            f"accumulation, {s.batch_size * s.grad_accumulation * machines} examples a step in "
+            "all; the memory below is what each machine needs"
+        )
     table = Table(show_header=True)
     table.add_column("part")
     table.add_column("GB", justify="right")

@@ -7,11 +7,13 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from macft import moe
 from macft.errors import ModelError, RecipeError
+from macft.lora_switch import LoRASwitchLinear, is_switch_linear
 
 ATTENTION_HINTS = ("attn", "attention")
 MLP_HINTS = ("mlp", "feed_forward", "ffn")
-PRESETS = ("attention", "mlp", "all-linear")
+PRESETS = ("attention", "mlp", "all-linear", "experts", "shared-expert")  # the last two: MoE
 ADAPTER_LEAVES = ("lora_a", "lora_b", "m")
 
 
@@ -125,22 +127,35 @@ def _is_linear(m) -> bool:
 
 
 def _layer_linears(layer: nn.Module) -> list[str]:
-    return [k for k, m in layer.named_modules() if k and _is_linear(m)]
+    return [k for k, m in layer.named_modules() if k and (_is_linear(m) or is_switch_linear(m))]
 
 
 def _matches(path: str, target: str) -> bool:
     return path == target or path.endswith("." + target)
 
 
-def select_keys(candidates: list[str], targets) -> list[str]:
-    """Relative module paths chosen by a preset or by explicit names (leaf or dotted suffix)."""
+def select_keys(candidates: list[str], targets, groups: dict | None = None) -> list[str]:
+    """Relative module paths chosen by a preset or by explicit names (leaf or dotted suffix).
+
+    `groups` (moe.key_groups) marks an MoE model: its routers are left out of every preset
+    (lora.router adds them), `experts` and `shared-expert` pick the stacked and shared experts.
+    """
     if isinstance(targets, str) and targets in PRESETS:
-        if targets == "all-linear":
-            chosen = candidates
-        else:
+        if groups is None and targets in ("experts", "shared-expert"):
+            raise RecipeError(
+                f"lora.targets: {targets!r} is for mixture-of-experts models and this model has "
+                "no experts; use attention, mlp or all-linear"
+            )
+        routers = set(groups["router"]) if groups else set()
+        chosen = moe.preset_keys(targets, candidates, groups) if groups else None
+        if chosen is None and targets == "all-linear":
+            chosen = [k for k in candidates if k not in routers]
+        elif chosen is None:
             hints = ATTENTION_HINTS if targets == "attention" else MLP_HINTS
             chosen = [
-                k for k in candidates if any(h in p for p in k.split(".")[:-1] for h in hints)
+                k
+                for k in candidates
+                if k not in routers and any(h in p for p in k.split(".")[:-1] for h in hints)
             ]
         if not chosen:
             raise RecipeError(
@@ -166,6 +181,7 @@ def count_parameters(model: nn.Module) -> int:
         name: m.bits
         for name, m in model.named_modules()
         if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))
+        or (is_switch_linear(m) and hasattr(m, "bits"))
     }
     total = 0
     for name, v in tree_flatten(model.parameters()):
@@ -190,12 +206,16 @@ def apply_lora(
     targets="all-linear",
     layers="all",
     dora: bool = False,
+    router: bool = False,
 ) -> LoraInfo:
-    """Freeze the model and wrap the targeted linears of the last `layers` blocks with LoRA."""
+    """Freeze the model and wrap the targeted linears of the last `layers` blocks with LoRA.
+
+    On a mixture-of-experts model the stacked experts get one adapter each (LoRASwitchLinear)
+    and the routers stay frozen unless `router` is set."""
     blocks = getattr(model, "layers", None)
     if not blocks:
         raise ModelError("this model exposes no transformer layers (model.layers); LoRA needs them")
-    if any(isinstance(m, LoRALinear) for _, m in model.named_modules()):
+    if any(isinstance(m, (LoRALinear, LoRASwitchLinear)) for _, m in model.named_modules()):
         raise ModelError("LoRA is already applied to this model; load a fresh base to apply it")
     n_blocks = len(blocks)
     if layers == "all":
@@ -211,7 +231,21 @@ def apply_lora(
     candidates: list[str] = []
     for block in chosen_blocks:
         candidates += [k for k in _layer_linears(block) if k not in candidates]
-    keys = sorted(select_keys(candidates, targets))
+    groups = moe.key_groups(chosen_blocks)
+    keys = select_keys(candidates, targets, groups)
+    if router:
+        if groups is None or not groups["router"]:
+            raise RecipeError(
+                "lora.router: this model has no router (it is not a mixture-of-experts model); "
+                "set lora.router: false"
+            )
+        keys += [k for k in groups["router"] if k not in keys]
+    keys = sorted(keys)
+    if dora and groups and any(k in groups["experts"] for k in keys):
+        raise RecipeError(
+            "lora.dora: DoRA is not available for stacked experts (mlx-lm cannot load it "
+            "either); set lora.dora: false or lora.targets: attention"
+        )
 
     model.freeze()
     scale = alpha / rank
@@ -219,11 +253,15 @@ def apply_lora(
     for block in chosen_blocks:
         wrapped = []
         for k, m in block.named_modules():
-            if k in keys and _is_linear(m):
+            if k in keys and is_switch_linear(m):
+                layer = LoRASwitchLinear(m, rank, scale, dropout)
+            elif k in keys and _is_linear(m):
                 layer = LoRALinear(m, rank, scale, dropout, dora)
-                layer.freeze()
-                layer.unfreeze(keys=trainable_leaves, recurse=False)
-                wrapped.append((k, layer))
+            else:
+                continue
+            layer.freeze()
+            layer.unfreeze(keys=trainable_leaves, recurse=False)
+            wrapped.append((k, layer))
         block.update_modules(tree_unflatten(wrapped))
     mx.eval(model.trainable_parameters())
     trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))

@@ -3,9 +3,15 @@
 import math
 from dataclasses import dataclass, field
 
+from macft.errors import MacftError
+
 GB = 1e9
 LORA_KEYS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LORA_KEYS += ("qkv_proj", "gate_up_proj")  # Phi-3's fused ones
+# Mixture-of-experts layers: the stacked experts, the shared expert, and the routers.
+EXPERT_KEYS = ("experts.gate_proj", "experts.up_proj", "experts.down_proj")
+SHARED_KEYS = ("shared.gate_proj", "shared.up_proj", "shared.down_proj")
+ROUTER_KEYS = ("router", "shared_gate")
 # Python, the tokenizer, MLX's kernels and (on a Mac) Metal's command buffers: what a process
 # holds beyond the arrays that mx.get_peak_memory counts.
 OVERHEAD_BYTES = int(0.6 * GB)
@@ -26,6 +32,10 @@ class Shape:
     norms: int = 2  # RMSNorms per layer (Gemma 3 has 4)
     qk_norm: bool = False  # Qwen3, Gemma 3: RMSNorm on queries and keys
     fused: bool = False  # Phi-3: qkv_proj and gate_up_proj are single linears
+    experts: int = 0  # mixture of experts: experts per layer, all resident in memory (0: dense)
+    active: int = 0  # experts each token is routed to
+    expert_intermediate: int = 0  # each expert's MLP width
+    shared_intermediate: int = 0  # an always-active shared expert's width (0: none)
 
     @property
     def hd(self) -> int:
@@ -35,6 +45,15 @@ class Shape:
     def from_config(cls, c: dict) -> "Shape":
         c = c.get("text_config", c)
         heads = c["num_attention_heads"]
+        experts = c.get("num_experts") or c.get("num_local_experts") or 0
+        moe = {}
+        if experts:
+            moe = {
+                "experts": experts,
+                "active": c.get("num_experts_per_tok") or 1,
+                "expert_intermediate": c.get("moe_intermediate_size") or c["intermediate_size"],
+                "shared_intermediate": c.get("shared_expert_intermediate_size") or 0,
+            }
         return cls(
             layers=c["num_hidden_layers"],
             hidden=c["hidden_size"],
@@ -47,6 +66,7 @@ class Shape:
             norms=4 if str(c.get("model_type", "")).startswith("gemma3") else 2,
             qk_norm=str(c.get("model_type", "")).startswith(("qwen3", "gemma3")),
             fused=c.get("model_type") == "phi3",
+            **moe,
         )
 
     def linears(self) -> dict[str, tuple[int, int]]:
@@ -55,18 +75,31 @@ class Shape:
         if self.fused:
             return {"qkv_proj": (h, q + 2 * kv), "o_proj": (q, h), "gate_up_proj": (h, 2 * i),
                     "down_proj": (i, h)}  # fmt: skip
-        return {
-            "q_proj": (h, q),
-            "k_proj": (h, kv),
-            "v_proj": (h, kv),
-            "o_proj": (q, h),
-            "gate_proj": (h, i),
-            "up_proj": (h, i),
-            "down_proj": (i, h),
-        }
+        attn = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h)}
+        if not self.experts:
+            return {**attn, "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+        e, s = self.expert_intermediate, self.shared_intermediate
+        ex, sh = EXPERT_KEYS, SHARED_KEYS
+        moe = {ex[0]: (h, e), ex[1]: (h, e), ex[2]: (e, h), "router": (h, self.experts)}
+        if s:
+            moe |= {sh[0]: (h, s), sh[1]: (h, s), sh[2]: (s, h), "shared_gate": (h, 1)}
+        return {**attn, **moe}
+
+    @property
+    def mlp_width(self) -> int:
+        """MLP units a token passes through: its routed experts' and the shared expert's."""
+        if not self.experts:
+            return self.intermediate
+        return self.active * self.expert_intermediate + self.shared_intermediate
+
+    def copies(self, name: str) -> int:
+        """How many of this linear a layer holds: one per expert for the stacked experts."""
+        return self.experts if name in EXPERT_KEYS else 1
 
     def parameters(self) -> int:
-        per_layer = sum(a * b for a, b in self.linears().values()) + self.norms * self.hidden
+        lin = self.linears()
+        per_layer = sum(self.copies(k) * a * b for k, (a, b) in lin.items())
+        per_layer += self.norms * self.hidden
         head = 0 if self.tied else self.vocab * self.hidden
         return self.layers * per_layer + self.vocab * self.hidden + head + self.hidden
 
@@ -89,6 +122,7 @@ class Setup:
     act_bytes: int = 2  # activations: bfloat16 on a Mac's quantized base, float32 on CPU
     scale_bytes: int = 2  # quantization scales and biases
     loss_chunk: int = 0  # the trainer's chunked loss: rows of logits at a time; 0 = all at once
+    machines: int = 1  # data-parallel ranks, each with this batch (macft train --hosts)
 
 
 @dataclass
@@ -121,6 +155,8 @@ class Plan:
             f"LoRA+AdamW {gb(self.parts['lora'])}) at batch {s.batch_size} x {s.seq_len} tokens, "
             f"{ck}"
         )
+        if s.machines > 1:
+            line += f", on each of {s.machines} machines"
         if self.usable is not None:
             line += f"; {'fits' if self.fits else 'does NOT fit'} in {gb(self.usable)}"
         return line
@@ -131,8 +167,13 @@ def gb(n: float) -> str:
 
 
 def _lora_dims(shape: Shape, setup: Setup) -> list[tuple[int, int]]:
+    """(in, out) of each adapted linear a token passes through: an expert's once per route."""
     lin = shape.linears()
-    return [lin[k] for k in setup.targets if k in lin]
+    return [lin[k] for k in setup.targets if k in lin for _ in range(_slots(shape, k))]
+
+
+def _slots(shape: Shape, name: str) -> int:
+    return shape.active if name in EXPERT_KEYS else 1
 
 
 def weight_bytes(shape: Shape, setup: Setup) -> int:
@@ -148,8 +189,10 @@ def weight_bytes(shape: Shape, setup: Setup) -> int:
 
 
 def lora_params(shape: Shape, setup: Setup) -> int:
-    layers = setup.lora_layers or shape.layers
-    return layers * sum(setup.rank * (a + b) for a, b in _lora_dims(shape, setup))
+    """Every expert has its own adapter, though a token trains only the ones it is routed to."""
+    layers, lin = setup.lora_layers or shape.layers, shape.linears()
+    per_layer = sum(shape.copies(k) * setup.rank * sum(lin[k]) for k in setup.targets if k in lin)
+    return layers * per_layer
 
 
 def layer_activation_bytes(shape: Shape, setup: Setup, tokens: int, width: int) -> int:
@@ -164,14 +207,18 @@ def layer_activation_bytes(shape: Shape, setup: Setup, tokens: int, width: int) 
     h, a = shape.hidden, setup.act_bytes
     q_dim, kv_dim = shape.heads * shape.hd, shape.kv_heads * shape.hd
     lora = _lora_dims(shape, setup)
-    per_token = a * (3 * shape.norms * h + 2 * q_dim + 2 * kv_dim + 5 * shape.intermediate)
+    per_token = a * (3 * shape.norms * h + 2 * q_dim + 2 * kv_dim + 5 * shape.mlp_width)
+    if shape.experts:
+        # A copy of the input per routed expert (sorted by expert), the experts' outputs before
+        # and after unsorting; the router's scores and probabilities.
+        per_token += a * (3 * shape.active * h + 3 * shape.experts)
     per_token += a * shape.heads * width
     if shape.qk_norm:
         per_token += a * 2 * (q_dim + kv_dim)  # the normed queries and keys, and their inputs
     per_token += 4 * setup.rank * len(lora)  # x @ A is float32: LoRA weights are float32
     if a < 4:
         # x @ A with float32 A promotes x: each LoRA input is kept as its own float32 copy.
-        per_token += sum(4 * d_in for d_in, _ in lora) - a * (2 * h + q_dim + shape.intermediate)
+        per_token += sum(4 * d_in for d_in, _ in lora) - a * (2 * h + q_dim + shape.mlp_width)
     if setup.dropout > 0:
         per_token += sum(4 * d_in for d_in, _ in lora)  # the dropped-out copy of each input
     return tokens * per_token
@@ -205,13 +252,14 @@ def plan(shape: Shape, setup: Setup, usable: int | None = None) -> Plan:
     # of the MLP's gate and up outputs, of the layer's input and output.
     a = setup.act_bytes
     acts += 2 * setup.batch_size * shape.heads * width * width * a
-    acts += tokens * a * 2 * shape.intermediate + 2 * h_bytes
+    acts += tokens * a * 2 * shape.mlp_width + 2 * h_bytes
     p = lora_params(shape, setup)
     logits = logits_bytes(shape, setup, tokens)
     # AdamW: parameters, m and v persist (12 bytes a parameter). The backward pass adds this
     # micro-batch's float32 gradients (and the running sum when accumulating); the update
     # phase, after the activations are gone, holds the raw and the scaled gradients.
-    grads = 4 * p * (2 if setup.grad_accumulation > 1 else 1)
+    # Across machines the summed gradients arrive beside this machine's own.
+    grads = 4 * p * (2 if setup.grad_accumulation > 1 or setup.machines > 1 else 1)
     lora = 12 * p + max(grads, 8 * p - acts - logits)
     parts = {
         "weights": weight_bytes(shape, setup),
@@ -232,22 +280,45 @@ def parse_size(text: str) -> int:
     """'24GB', '24', '24 GiB', '16000MB' -> bytes (GB = 1e9; GiB = 2**30)."""
     t = str(text).strip().upper().replace(" ", "")
     units = {"GIB": 2**30, "GB": 1e9, "G": 1e9, "MIB": 2**20, "MB": 1e6, "M": 1e6}
-    for unit, mult in units.items():
-        if t.endswith(unit):
-            return int(float(t[: -len(unit)]) * mult)
-    return int(float(t) * 1e9)
+    unit = next((u for u in units if t.endswith(u)), "")
+    try:
+        size = int(float(t[: len(t) - len(unit)]) * units.get(unit, 1e9))
+    except ValueError:
+        size = 0
+    if size <= 0:
+        raise MacftError(f"--memory {text!r}: not a memory size; write it like 24GB, 16GiB or 32")
+    return size
 
 
-def target_keys(targets) -> tuple:
-    """lora.targets (preset or names) -> the linear names the plan counts."""
+def target_keys(targets, router: bool = False) -> tuple:
+    """lora.targets (preset or names) and lora.router -> the linear names the plan counts."""
+    extra = ROUTER_KEYS if router else ()
     if targets == "attention":
-        return ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj")
+        return ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", *extra)
     if targets == "mlp":
-        return ("gate_proj", "up_proj", "down_proj", "gate_up_proj")
+        return ("gate_proj", "up_proj", "down_proj", "gate_up_proj", *EXPERT_KEYS, *SHARED_KEYS,
+                *extra)  # fmt: skip
     if targets == "all-linear":
-        return LORA_KEYS
+        return LORA_KEYS + EXPERT_KEYS + SHARED_KEYS + extra
+    if targets == "experts":
+        return EXPERT_KEYS + extra
+    if targets == "shared-expert":
+        return SHARED_KEYS + extra
     names = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else targets
-    return tuple(n.rsplit(".", 1)[-1] for n in names)
+    keys = []
+    for name in names:
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in ("gate", "router"):
+            keys.append("router")
+        elif leaf == "shared_expert_gate":
+            keys.append("shared_gate")
+        elif "shared_expert" in name:
+            keys.append(f"shared.{leaf}")
+        elif "switch_mlp" in name or "experts" in name:
+            keys.append(f"experts.{leaf}")
+        else:  # a bare leaf: the dense linear, and on an MoE model the experts' and shared one
+            keys += [leaf, f"experts.{leaf}", f"shared.{leaf}"]
+    return tuple(dict.fromkeys([*keys, *extra]))
 
 
 def padded(n: int, pad_to: int = 32) -> int:

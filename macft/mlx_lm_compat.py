@@ -5,6 +5,7 @@ from pathlib import Path
 
 import mlx.nn as nn
 from mlx_lm import utils as _utils
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 from mlx_lm.tokenizer_utils import (
     BPEStreamingDetokenizer,
     NaiveStreamingDetokenizer,
@@ -13,6 +14,8 @@ from mlx_lm.tokenizer_utils import (
 )
 
 __all__ = [
+    "QuantizedSwitchLinear",
+    "SwitchLinear",
     "TokenizerWrapper",
     "build_model",
     "load_quantized_folder",

@@ -34,8 +34,16 @@ def model_shape(path: str) -> tuple[mp.Shape, str]:
     import gguf
 
     from macft.models import arch as archs
+    from macft.models.gguf import _check_magic
 
-    reader = gguf.GGUFReader(str(p))
+    _check_magic(p)
+    try:
+        reader = gguf.GGUFReader(str(p))
+    except Exception:  # gguf-py raises ValueError, IndexError... on a damaged file
+        raise ModelError(
+            f"{p}: cannot read GGUF ({p.stat().st_size:,} bytes): the file is corrupt or "
+            "truncated; download it again"
+        ) from None
     meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
     names = {t.name for t in reader.tensors}
     arch = archs.get_arch(meta.get("general.architecture"), p)
@@ -104,7 +112,7 @@ def setup_for(recipe: dict, seq_len: int, compute: str, act_bytes: int, scale_by
         batch_size=t["batch_size"],
         seq_len=seq_len,
         rank=lo["rank"],
-        targets=mp.target_keys(lo["targets"]),
+        targets=mp.target_keys(lo["targets"], lo.get("router", False)),
         lora_layers=None if lo["layers"] == "all" else lo["layers"],
         dropout=lo["dropout"],
         grad_checkpoint=t["grad_checkpoint"],
@@ -129,9 +137,12 @@ def mac_compute(recipe: dict, on_mac: bool, shape: mp.Shape, usable: int):
     return c, ({"float32": 4}.get(c, 2),) * 2
 
 
-def make_plan(recipe: dict, shape: mp.Shape, seq_len: int, usable: int, on_mac: bool) -> mp.Plan:
+def make_plan(
+    recipe: dict, shape: mp.Shape, seq_len: int, usable: int, on_mac: bool, machines: int = 1
+) -> mp.Plan:
     compute, (act, scale) = mac_compute(recipe, on_mac, shape, usable)
-    return mp.plan(shape, setup_for(recipe, seq_len, compute, act, scale), usable)
+    setup = replace(setup_for(recipe, seq_len, compute, act, scale), machines=machines)
+    return mp.plan(shape, setup, usable)
 
 
 def longest(lengths: list[int], max_seq_length: int) -> int:
@@ -191,7 +202,9 @@ def default_recipe(model: str | None) -> str | None:
     return name if name in shipped_recipes() else None
 
 
-def check_before_training(recipe: dict, config: dict, source: dict, lengths, console, force):
+def check_before_training(
+    recipe: dict, config: dict, source: dict, lengths, console, force, machines: int = 1
+):
     """Print the plan for the loaded model; refuse on Metal when it cannot fit (unless --force)."""
     on_mac = backend.metal_available()
     usable = backend.usable_memory_bytes()
@@ -200,7 +213,7 @@ def check_before_training(recipe: dict, config: dict, source: dict, lengths, con
     compute = source.get("compute", "quantized")
     act = 4 if compute == "float32" or (compute == "quantized" and not on_mac) else 2
     setup = setup_for(recipe, seq, compute, act, 4 if not on_mac else 2)
-    plan = mp.plan(shape, setup, usable)
+    plan = mp.plan(shape, replace(setup, machines=machines), usable)
     console.print(plan.summary())
     if plan.fits:
         return plan

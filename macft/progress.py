@@ -55,6 +55,9 @@ class TrainProgress:
 
     def on_report(self, report: dict) -> None:
         step = report["step"]
+        if report.get("expert_warning"):  # an MoE router collapsing onto a few experts
+            out = self.progress.console if self.live else self.console
+            out.print(f"[yellow]warning:[/] step {step}: {report['expert_warning']}")
         if step == 0:
             msg = f"validation loss before training: {report['val_loss']:.3f}"
             (self.progress.console if self.live else self.console).print(msg)

@@ -41,9 +41,14 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "rank": Key(16, "int", lo=1, hi=1024),
         "alpha": Key(32.0, "float", lo=1e-9, help="scale = alpha / rank, as in PEFT"),
         "dropout": Key(0.05, "float", lo=0.0, hi=0.9),
-        "targets": Key("all-linear", "targets", help="attention, mlp, all-linear, or names"),
+        "targets": Key(
+            "all-linear",
+            "targets",
+            help="attention, mlp, all-linear, or names; MoE models also: experts, shared-expert",
+        ),
         "layers": Key("all", "layers", help="'all' or the number of last layers"),
         "dora": Key(False, "bool"),
+        "router": Key(False, "bool", help="MoE: train the routers too (LoRA on each gate)"),
     },
     "data": {
         "path": Key(REQUIRED, "str", help="a .jsonl file or a folder with train.jsonl"),
@@ -72,6 +77,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "pack": Key(True, "bool", help="several examples per row; positions restart per example"),
         "loss_chunk": Key(
             256, "int", lo=0, help="LM head + loss on target positions only, N at a time; 0 = off"
+        ),
+        "moe_aux_loss": Key(
+            0.0, "float", lo=0.0, hi=1.0, help="MoE load-balancing loss weight; 0 = off"
         ),
     },
 }
@@ -186,7 +194,8 @@ def _check(dotted: str, spec: Key, value: Any) -> tuple[Any, str | None]:
         if value != "all" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             return value, f"{dotted}: expected 'all' or a number of layers >= 1, got {value!r}"
     if spec.lo is not None and isinstance(value, (int, float)) and value < spec.lo:
-        return value, f"{dotted}: must be >= {spec.lo:g}, got {value!r}"
+        bound = "> 0" if 0 < spec.lo < 1e-6 else f">= {spec.lo:g}"  # a tiny floor means "positive"
+        return value, f"{dotted}: must be {bound}, got {value!r}"
     if spec.hi is not None and isinstance(value, (int, float)) and value > spec.hi:
         return value, f"{dotted}: must be <= {spec.hi:g}, got {value!r}"
     return value, None
@@ -224,6 +233,12 @@ def validate(raw: dict, origin: str) -> dict:
     train = out["train"]
     if train.get("iters") is not None and train.get("epochs") is not None:
         problems.append("train.iters and train.epochs: set one of them, not both")
+    if isinstance(train.get("moe_aux_loss"), float) and train["moe_aux_loss"] > 0:
+        if out["lora"].get("router") is not True:
+            problems.append(
+                "train.moe_aux_loss: the load-balancing loss trains the router, which is frozen; "
+                "set lora.router: true, or train.moe_aux_loss: 0"
+            )
     if problems:
         n = len(problems)
         raise RecipeError(f"{origin}: {n} problem{'s' * (n > 1)}: " + "; ".join(problems))

@@ -10,90 +10,21 @@ from pathlib import Path
 import mlx.core as mx
 import yaml
 
+from macft.atomic import (  # noqa: F401 (re-exported: the run folder's writers)
+    atomic_save_safetensors,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    check_space,
+    tensor_bytes,
+    write_folder,
+)
 from macft.errors import RunError
 
 CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
+OLD_RE = re.compile(r"^\.old-(.+)-\d+$")  # a folder moved aside by write_folder
 # Sections that must not change under a resumed run: the checkpoint's adapters depend on them.
 FIXED_SECTIONS = ("model", "lora")
-
-
-def _fsync_dir(path: Path) -> None:
-    # Makes a rename durable; not every platform allows opening a directory, so best effort.
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _tmp_name(path: Path, suffix: str = "") -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}{suffix}")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same folder, fsync, then rename over `path`."""
-    path = Path(path)
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
-
-
-def atomic_save_safetensors(path: Path, weights: dict, metadata: dict | None = None) -> None:
-    path = Path(path)
-    tmp = _tmp_name(path, ".safetensors")  # mx.save_safetensors wants this extension
-    try:
-        mx.save_safetensors(str(tmp), weights, metadata=metadata or {"format": "mlx"})
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _write_folder(dest: Path, files) -> None:
-    """Build a folder under a temp name, then rename it into place (replacing an old one)."""
-    tmp = dest.with_name(f".tmp-{dest.name}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
-        files(tmp)
-        _fsync_dir(tmp)
-        if dest.exists():
-            # A folder cannot be renamed over a non-empty one: move the old aside first.
-            old = dest.with_name(f".old-{dest.name}-{os.getpid()}")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(dest, old)
-            os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _fsync_dir(dest.parent)
 
 
 class RunDir:
@@ -102,6 +33,7 @@ class RunDir:
     def __init__(self, path, keep_last: int = 3):
         self.path = Path(path)
         self.keep_last = keep_last
+        self._lock_depth = 0  # lock() nests within one RunDir
         self.recipe_path = self.path / "recipe.yaml"
         self.state_path = self.path / "state.json"
         self.metrics_path = self.path / "metrics.jsonl"
@@ -140,9 +72,15 @@ class RunDir:
             )
         return self.state
 
-    def open_for_resume(self, recipe: dict | None = None) -> dict:
-        """Like open(); with a recipe, refuse changed model/lora settings and record the rest."""
+    def open_for_resume(self, recipe: dict | None = None, write: bool = True) -> dict:
+        """Like open(); with a recipe, refuse changed model/lora settings and record the rest.
+
+        write=False only checks (and that no other macft trains here): the caller saves the
+        recipe with save_recipe() once it holds the lock, so a later failure changes nothing."""
         state = self.open()
+        with self.lock():  # busy now, or a damaged checkpoint: say so before anything loads
+            if (ckpt := self.latest_checkpoint()) is not None:
+                self.load_checkpoint(ckpt)
         if recipe is not None:
             saved = self.recipe() if self.recipe_path.exists() else {}
             changed = [
@@ -156,8 +94,14 @@ class RunDir:
                     f"{self.path}: cannot resume with changed {', '.join(changed)}; "
                     "keep the run's recipe.yaml settings, or start a new run with another --out"
                 )
-            atomic_write_text(self.recipe_path, yaml.safe_dump(recipe, sort_keys=False))
+            if write:
+                self.save_recipe(recipe)
         return state
+
+    def save_recipe(self, recipe: dict) -> None:
+        text = yaml.safe_dump(recipe, sort_keys=False)
+        if not self.recipe_path.is_file() or self.recipe_path.read_text(encoding="utf-8") != text:
+            atomic_write_text(self.recipe_path, text)
 
     def recipe(self) -> dict:
         return yaml.safe_load(self.recipe_path.read_text(encoding="utf-8")) or {}
@@ -167,8 +111,15 @@ class RunDir:
         """Hold an exclusive lock on the run so two trainings never write the same folder."""
         import fcntl
 
+        if self._lock_depth:  # already held by this RunDir: nest
+            self._lock_depth += 1
+            try:
+                yield self
+            finally:
+                self._lock_depth -= 1
+            return
         self.path.mkdir(parents=True, exist_ok=True)
-        with open(self.path / ".lock", "w") as f:
+        with open(self.path / ".lock", "a") as f:  # "a": taking the lock never touches the file
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
@@ -177,16 +128,39 @@ class RunDir:
                     "or pick another --out"
                 ) from None
             self._clean_temp()
+            self._lock_depth = 1
             try:
                 yield self
             finally:
+                self._lock_depth = 0
                 fcntl.flock(f, fcntl.LOCK_UN)
+
+    def is_locked(self) -> bool:
+        """True while some process (this one included) holds the run's lock."""
+        import fcntl
+
+        try:
+            fd = os.open(self.path / ".lock", os.O_RDONLY)
+        except OSError:
+            return False  # no lock file: nobody ever trained here
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        finally:
+            os.close(fd)  # closing drops a lock taken by this probe
+        return False
 
     def _clean_temp(self) -> None:
         # Leftovers of a crash mid-write; the good files they were meant to replace are intact.
         for folder in (self.path, self.checkpoints):
             if folder.is_dir():
                 for p in folder.iterdir():
+                    m = OLD_RE.match(p.name)
+                    if m and p.is_dir() and not (folder / m[1]).exists():
+                        # Killed between moving the old folder aside and renaming the new one in.
+                        os.replace(p, folder / m[1])
+                        continue
                     if p.name.startswith((".tmp-", ".old-", ".trash-")) or ".tmp-" in p.name:
                         if p.is_dir():
                             shutil.rmtree(p, ignore_errors=True)
@@ -207,10 +181,13 @@ class RunDir:
         return state
 
     def append_metrics(self, record: dict) -> None:
-        """One whole JSON line per write, flushed to disk, so a crash never tears a line."""
+        """One whole JSON line per write, flushed to disk; a line torn by a kill is ended first."""
         line = (json.dumps(record) + "\n").encode("utf-8")
-        fd = os.open(self.metrics_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(self.metrics_path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
         try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                line = b"\n" + line  # the torn line stays unparseable and is skipped on read
             os.write(fd, line)
             os.fsync(fd)
         finally:
@@ -237,6 +214,8 @@ class RunDir:
     # --- adapters and checkpoints ---------------------------------------------------------
     def write_adapters(self, weights: dict, config: dict | None, folder: Path | None = None):
         """adapters.safetensors + adapter_config.json, the pair mlx_lm.load(adapter_path=) reads."""
+        if folder is None:
+            self.check_space(tensor_bytes(weights), "adapters.safetensors")
         folder = Path(folder) if folder is not None else self.path
         atomic_save_safetensors(folder / "adapters.safetensors", weights)
         if config is not None:
@@ -252,6 +231,7 @@ class RunDir:
     ) -> Path:
         """checkpoints/step-NNNNNN/ with adapters, optimizer state and trainer state; keep last K."""
         dest = self.checkpoints / f"step-{step:06d}"
+        self.check_space(tensor_bytes(adapters, optimizer_state), f"checkpoints/{dest.name}")
         self.checkpoints.mkdir(parents=True, exist_ok=True)
 
         def files(tmp: Path) -> None:
@@ -259,9 +239,18 @@ class RunDir:
             atomic_save_safetensors(tmp / "optimizer.safetensors", optimizer_state)
             atomic_write_json(tmp / "state.json", {**state_dict, "step": step})
 
-        _write_folder(dest, files)
+        write_folder(dest, files)
         self._prune()
         return dest
+
+    def check_space(self, nbytes: int, what: str) -> None:
+        check_space(
+            self.path,
+            nbytes,
+            what,
+            "free space there (macft runs lists runs and their sizes), or keep fewer checkpoints "
+            f"with --set train.save_every=0; then continue with: macft train --resume --out {self.path}",
+        )
 
     def list_checkpoints(self) -> list[Path]:
         """Complete checkpoints, oldest first (a folder only gets its name when complete)."""
@@ -310,11 +299,12 @@ class RunDir:
 
     def save_best(self, adapters: dict, adapter_config: dict | None, info: dict) -> Path:
         dest = self.checkpoints / "best"
+        self.check_space(tensor_bytes(adapters), "checkpoints/best")
         self.checkpoints.mkdir(parents=True, exist_ok=True)
 
         def files(tmp: Path) -> None:
             self.write_adapters(adapters, adapter_config, tmp)
             atomic_write_json(tmp / "state.json", info)
 
-        _write_folder(dest, files)
+        write_folder(dest, files)
         return dest

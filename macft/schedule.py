@@ -30,6 +30,8 @@ def lr_at(step: int, cfg, total: int) -> float:
     return low + (lr - low) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def micro_seed(seed: int, step: int, micro: int) -> int:
-    # Dropout masks depend on (seed, step, micro-batch) only, so a resumed run draws the same.
-    return int(np.random.SeedSequence([seed, step, micro]).generate_state(1, np.uint64)[0])
+def micro_seed(seed: int, step: int, micro: int, rank: int = 0) -> int:
+    # Dropout masks depend on (seed, step, micro-batch) only, so a resumed run draws the same;
+    # each data-parallel rank draws its own.
+    key = [seed, step, micro] + ([rank] if rank else [])
+    return int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0])

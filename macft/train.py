@@ -1,10 +1,12 @@
 """The train command: recipe -> base model -> LoRA -> data -> trainer -> run folder."""
 
+from dataclasses import replace
 from pathlib import Path
 
+import mlx.core as mx
 from rich.console import Console
 
-from macft import backend, planning
+from macft import backend, distributed, planning
 from macft.data import load_data
 from macft.errors import DataError, RecipeError
 from macft.lora import apply_lora
@@ -45,8 +47,10 @@ def train_config(recipe: dict) -> TrainConfig:
     return TrainConfig(**{k: v for k, v in t.items() if k in TrainConfig.__dataclass_fields__})
 
 
-def describe_steps(cfg: TrainConfig, n_train: int) -> str:
-    per_step = cfg.batch_size * cfg.grad_accumulation
+def describe_steps(cfg: TrainConfig, n_train: int, machines: int = 1) -> str:
+    per_step = cfg.batch_size * cfg.grad_accumulation * machines
+    if machines > 1:
+        cfg = replace(cfg, batch_size=cfg.batch_size * machines)
     if cfg.iters is not None:
         return f"{cfg.iters} steps of {per_step} examples"
     return f"{cfg.epochs:g} epochs = {total_steps(cfg, n_train)} steps of {per_step} examples"
@@ -74,14 +78,8 @@ def describe_speed(cfg: TrainConfig, base) -> str:
     return "; ".join(parts)
 
 
-def run_train(
-    recipe_arg: str | None,
-    sets: tuple[str, ...],
-    shorthands: dict,
-    resume: bool,
-    console: Console,
-    force: bool = False,
-) -> Path:
+def resolve_recipe(recipe_arg, sets, shorthands: dict, resume: bool) -> tuple[dict, str, str]:
+    """(recipe, where it came from, the shipped recipe picked for this Mac or None)."""
     if resume and shorthands.get("out") is None and not recipe_arg:
         raise RecipeError("--resume needs the run folder: macft train --resume --out runs/NAME")
     if resume and recipe_arg is None:
@@ -97,11 +95,30 @@ def run_train(
     recipe["data"]["path"] = resolve_data_path(recipe["data"]["path"], origin)
     out = Path(recipe["out"]) if recipe["out"] else default_out(recipe)
     recipe["out"] = str(out)
+    return recipe, origin, picked
+
+
+def run_train(
+    recipe_arg: str | None,
+    sets: tuple[str, ...],
+    shorthands: dict,
+    resume: bool,
+    console: Console,
+    force: bool = False,
+    world=None,
+) -> Path:
+    world = world or distributed.SOLO
+    # Rank 0 reads the recipe (on --resume, from its run folder) and hands it to the others.
+    recipe, origin, picked = world.from_main(
+        lambda: resolve_recipe(recipe_arg, sets, shorthands, resume)
+    )
+    out = Path(recipe["out"])
     cfg = train_config(recipe)
 
-    run = RunDir(out)
+    run = world.run_view(RunDir(out))  # only rank 0 writes the run folder
+    world.on_timeout(lambda message: distributed.mark_failed(run, message))
     if resume:
-        run.open_for_resume(recipe)
+        run.open_for_resume(recipe, write=False)  # saved once training starts
     else:
         run.check_free()
 
@@ -117,9 +134,12 @@ def run_train(
     console.print(f"model: {m['path']} ({base.source['kind']}, compute {base.source['compute']})")
 
     lo = recipe["lora"]
-    info = apply_lora(
-        base.model, lo["rank"], lo["alpha"], lo["dropout"], lo["targets"], lo["layers"], lo["dora"]
-    )
+    mx.random.seed(cfg.seed)  # LoRA's initial A matrices: the same seed gives the same run
+    try:
+        keys = ("rank", "alpha", "dropout", "targets", "layers", "dora", "router")
+        info = apply_lora(base.model, *(lo[k] for k in keys))
+    except RecipeError as e:  # a target or layer count this model does not have
+        raise RecipeError(f"{origin}: {e}") from None
     console.print(
         f"LoRA rank {lo['rank']} alpha {lo['alpha']:g} on {', '.join(info.keys)} of "
         f"{info.num_layers} layers: {info.trainable:,} trainable of {info.total:,} parameters "
@@ -139,18 +159,28 @@ def run_train(
             f"[yellow]note:[/] {rep.n_truncated} examples cut to data.max_seq_length="
             f"{d['max_seq_length']}, {rep.n_dropped} dropped (nothing left to learn after the cut)"
         )
-    console.print(
-        f"schedule: {describe_steps(cfg, rep.n_train)}, lr {cfg.learning_rate:g} ({cfg.schedule})"
-    )
+    # Every rank must train on the same examples of the same model, or the sums mean nothing.
+    world.agree("data or model", distributed.fingerprint(train_set, valid_set, base.config))
+    steps = describe_steps(cfg, rep.n_train, world.size)
+    console.print(f"schedule: {steps}, lr {cfg.learning_rate:g} ({cfg.schedule})")
+    if world.size > 1:
+        console.print(
+            f"data parallel: {world.size} processes, each {cfg.batch_size} examples a micro-batch"
+        )
     console.print(f"speed: {describe_speed(cfg, base)}")
-    planning.check_before_training(recipe, base.config, base.source, rep.lengths, console, force)
+    planning.check_before_training(
+        recipe, base.config, base.source, rep.lengths, console, force, machines=world.size
+    )
 
-    if not resume:
-        run.create(recipe, base.source)
     pad_id = base.tokenizer.pad_token_id
     if pad_id is None:
         pad_id = base.tokenizer.eos_token_id
-    with TrainProgress(console) as progress:
+    # The lock is held from the first write on (the trainer's own lock nests in it).
+    with run.lock(), TrainProgress(console) as progress:
+        if resume:
+            run.save_recipe(recipe)
+        else:
+            run.create(recipe, base.source)
         result = train(
             base.model,
             train_set,
@@ -162,11 +192,13 @@ def run_train(
             on_start=progress.on_start,
             on_report=progress.on_report,
             lora_info=info,
+            world=world,
         )
     if result.status == "interrupted":
         console.print(
             f"[yellow]interrupted[/] at step {result.step}: checkpoint saved. "
             f"Continue with: macft train --resume --out {out}"
+            + (f" --hosts (the same {world.size} machines)" if world.size > 1 else "")
         )
     else:
         before = next((r["val_loss"] for r in run.read_metrics() if r["step"] == 0), None)

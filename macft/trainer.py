@@ -4,7 +4,7 @@ import contextlib
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -20,8 +20,10 @@ from macft.batches import (
     can_pack,
     evaluate,
 )
+from macft.distributed import SOLO, PeerLost
 from macft.errors import DataError, RunError
 from macft.lora import adapter_weights, load_adapter_weights
+from macft.moe_load import ExpertTracker
 from macft.qmatmul import float_matmuls
 from macft.recompute import grad_checkpointing
 from macft.schedule import lr_at, micro_seed, total_steps
@@ -48,6 +50,7 @@ class TrainConfig:
     report_every: int = 5
     pack: bool = True  # several examples per row (block-diagonal mask, positions from 0)
     loss_chunk: int = 256  # LM head + loss on target positions only, this many at a time; 0 = off
+    moe_aux_loss: float = 0.0  # MoE load-balancing loss weight (needs a trained router); 0 = off
 
 
 @dataclass
@@ -117,10 +120,17 @@ def train(
     on_report=None,
     lora_info=None,
     on_start=None,
+    world=None,
 ) -> TrainResult:
-    """Train the model's trainable (LoRA) parameters; checkpoints and metrics go to `run`."""
+    """Train the model's trainable (LoRA) parameters; checkpoints and metrics go to `run`.
+
+    With a `world` of several ranks (macft.distributed), each trains on its share of every
+    global batch (batch_size x ranks) and only rank 0's `run` writes anything."""
     if not train_set:
         raise DataError("no training examples left to train on; check the data file")
+    world = world or SOLO
+    if world.size > 1:
+        cfg = replace(cfg, batch_size=cfg.batch_size * world.size)
     n_train, bs = len(train_set), cfg.batch_size
     per_epoch = batches_per_epoch(n_train, bs)
     total = total_steps(cfg, n_train)
@@ -138,9 +148,11 @@ def train(
 
     optimizer = optim.AdamW(learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay)
     optimizer.init(model.trainable_parameters())
-    loss_and_grad = nn.value_and_grad(model, batch_loss)
+    experts = ExpertTracker(model, pad_id, cfg.moe_aux_loss)  # MoE: expert load, aux loss
+    loss_and_grad = nn.value_and_grad(model, experts.loss(batch_loss))
     pack = cfg.pack and can_pack(model)
     fast = {"pack": pack, "loss_chunk": cfg.loss_chunk}
+    ev = {**fast, "shard": (world.rank, world.size), "reduce": world.sum_eval}
     st = _fresh_state()
     result = TrainResult("finished", 0, total)
 
@@ -149,7 +161,7 @@ def train(
             st["step"],
             adapter_weights(model),
             dict(tree_flatten(optimizer.state)),
-            {**st, "total_steps": total},
+            {**st, "total_steps": total, "world_size": world.size},
             config,
         )
 
@@ -158,18 +170,30 @@ def train(
     with run.lock(), float_mm:
         if resume and (ckpt := run.latest_checkpoint()) is not None:
             adapters, opt_state, saved = run.load_checkpoint(ckpt)
+            if saved.get("world_size", 1) != world.size:
+                n = saved.get("world_size", 1)
+                raise RunError(
+                    f"{ckpt}: this run trained as {n} process(es), not {world.size}; resume it "
+                    f"with {n} (--hosts with {n} entries; 127.0.0.1 repeated runs them on one Mac)"
+                )
             load_adapter_weights(model, adapters)
             _restore_optimizer(optimizer, opt_state)
             st.update({k: saved[k] for k in st if k in saved})
+        world.sync(model, optimizer, st)  # every rank starts from rank 0's state
         if resume:
             run.trim_metrics(st["step"])  # records past the checkpoint get written again
         run.update_state(status="running", step=st["step"], total_steps=total)
         if on_start is not None:
             on_start(total, st["step"])
         backend.reset_peak_memory()
-        if st["step"] == 0 and valid_set and cfg.eval_every and not run.read_metrics():
+        if (
+            st["step"] == 0
+            and valid_set
+            and cfg.eval_every
+            and world.from_main(lambda: not run.read_metrics())
+        ):
             # The untrained model's validation loss: the figure every later one is judged by.
-            val = evaluate(model, valid_set, bs, pad_id, cfg.eval_batches, **fast)
+            val = evaluate(model, valid_set, bs, pad_id, cfg.eval_batches, **ev)
             report = _report(st, 0.0, total, per_epoch, val, final=False)
             run.append_metrics(report)
             if on_report is not None:
@@ -178,18 +202,24 @@ def train(
         was_training = model.training
         model.train()
         try:
-            with grad_checkpointing(model, cfg.grad_checkpoint):
+            with grad_checkpointing(model, cfg.grad_checkpoint), experts:
                 while st["step"] < total:
                     step = st["step"] + 1
                     t0 = time.perf_counter()
                     epoch, index = st["epoch"], st["index"]
                     batches = []
-                    seeds = [micro_seed(cfg.seed, step, i) for i in range(cfg.grad_accumulation)]
+                    seeds = [
+                        micro_seed(cfg.seed, step, i, world.rank)
+                        for i in range(cfg.grad_accumulation)
+                    ]
                     for _ in range(cfg.grad_accumulation):
                         idx, epoch, index = next_batch(epoch, index)
-                        batches.append([train_set[i] for i in idx])
+                        batches.append([train_set[i] for i in world.shard(idx)])
                     loss, grads, n_targets, n_inputs = accumulate(
                         loss_and_grad, model, batches, pad_id, seeds, **fast
+                    )
+                    loss, grads, n_targets, n_inputs = world.sum_step(
+                        loss, grads, n_targets, n_inputs, model.trainable_parameters(), step
                     )
                     lr = lr_at(step, cfg, total)
                     step_loss = loss.item() / max(n_targets, 1)
@@ -213,7 +243,7 @@ def train(
                     last = step == total
                     val = None
                     if valid_set and (last or (cfg.eval_every and step % cfg.eval_every == 0)):
-                        val = evaluate(model, valid_set, bs, pad_id, cfg.eval_batches, **fast)
+                        val = evaluate(model, valid_set, bs, pad_id, cfg.eval_batches, **ev)
                     stop = False
                     if val is not None:
                         st["val_loss"] = val
@@ -229,6 +259,7 @@ def train(
                     st["elapsed_s"] = elapsed0 + time.perf_counter() - session_start
                     if last or stop or val is not None or step % cfg.report_every == 0:
                         report = _report(st, lr, total, per_epoch, val, final=last or stop)
+                        report.update(experts.report())
                         if stop:
                             report["stopped_early"] = True
                         run.append_metrics(report)
@@ -241,15 +272,17 @@ def train(
                         checkpoint()
                         run.update_state(status="running", step=step)
         except KeyboardInterrupt:
-            checkpoint()
+            _or_failed(run, st, checkpoint)
             run.update_state(status="interrupted", step=st["step"], **_best(st))
             result.status = "interrupted"
         except BaseException as e:
+            if isinstance(e, PeerLost) and st["step"]:  # the model holds the last whole step
+                _or_failed(run, st, checkpoint)
             run.update_state(status="failed", step=st["step"], error=f"{type(e).__name__}: {e}")
             raise
         else:
-            checkpoint()
-            run.write_adapters(adapter_weights(model), config)
+            _or_failed(run, st, checkpoint)
+            _or_failed(run, st, lambda: run.write_adapters(adapter_weights(model), config))
             run.update_state(
                 status="finished", step=st["step"], stopped_early=result.stopped_early, **_best(st)
             )
@@ -259,6 +292,15 @@ def train(
     result.best_val_loss, result.best_step = st["best_val_loss"], st["best_step"]
     result.val_loss = st["val_loss"]
     return result
+
+
+def _or_failed(run, st: dict, save) -> None:
+    """A save refused (no disk space) marks the run failed; earlier checkpoints still resume it."""
+    try:
+        save()
+    except RunError as e:
+        run.update_state(status="failed", step=st["step"], error=str(e))
+        raise
 
 
 def _best(st: dict) -> dict:

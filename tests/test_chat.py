@@ -118,6 +118,21 @@ def test_save_leaves_out_blank_answers(tmp_path):
     assert [m["content"] for m in line["messages"]] == ["Be brief.", "b?", "B"]
 
 
+def test_save_rewrites_the_file_whole_and_ends_a_torn_line(tmp_path):
+    session = ChatSession(ChatModel(None, None, "tiny", adapters=tmp_path / "a"))
+    session.tuned.messages = [
+        {"role": "user", "content": "a?"},
+        {"role": "assistant", "content": "A"},
+    ]
+    f = tmp_path / "c.jsonl"
+    f.write_text('{"text": "kept"}\n{"text": "no newline"}')
+    assert session.save(str(f)) == (1, 0)
+    lines = f.read_text().splitlines()
+    assert lines[:2] == ['{"text": "kept"}', '{"text": "no newline"}']
+    assert json.loads(lines[2])["messages"][1]["content"] == "A"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl"]  # no temp file left
+
+
 # --- one-shot answers --------------------------------------------------------------------
 
 

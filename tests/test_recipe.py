@@ -52,7 +52,7 @@ def test_every_problem_reported_at_once(tmp_path):
     for needle in (
         "lora.rnak: unknown key; did you mean lora.rank?",
         "lora.rank: must be >= 1, got -1",
-        "lora.alpha: must be >= 1e-09, got 0",
+        "lora.alpha: must be > 0, got 0",
         "lora.targets: expected attention, mlp, all-linear",
         "train.iters: expected a whole number, got 'ten'",
         "train.shedule: unknown key; did you mean train.schedule?",

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import mlx.core as mx
 import pytest
@@ -197,3 +198,55 @@ def test_lock_cleans_leftover_temp_files(tmp_path):
     (run.checkpoints / ".tmp-step-000010-1").mkdir()
     with run.lock():
         assert leftovers(run.path) == []
+
+
+def test_lock_nests_in_one_run_dir_and_shows_from_outside(tmp_path):
+    run = RunDir(tmp_path / "a")
+    run.create(RECIPE)
+    assert not RunDir(tmp_path / "a").is_locked()
+    with run.lock():
+        with run.lock():  # train.py holds it, the trainer takes it again
+            assert RunDir(tmp_path / "a").is_locked()
+        assert RunDir(tmp_path / "a").is_locked()  # still held by the outer one
+        with pytest.raises(RunError, match="busy"):
+            RunDir(tmp_path / "a").open_for_resume(RECIPE, write=False)
+    assert not RunDir(tmp_path / "a").is_locked()
+
+
+def test_a_folder_moved_aside_comes_back_when_its_swap_was_killed(tmp_path):
+    run = RunDir(tmp_path / "a")
+    run.create(RECIPE)
+    run.save_best(adapters(1.0), None, {"step": 10})
+    # killed between `best -> .old-best-PID` and `.tmp-best-PID -> best`
+    os.replace(run.checkpoints / "best", run.checkpoints / ".old-best-4242")
+    (run.checkpoints / ".tmp-best-4242").mkdir()
+    with run.lock():
+        assert json.loads((run.best / "state.json").read_text()) == {"step": 10}
+        assert leftovers(run.path) == []
+    # with the new folder in place, the old one is only a leftover
+    shutil.copytree(run.best, run.checkpoints / ".old-best-4243")
+    with run.lock():
+        assert leftovers(run.path) == [] and run.best is not None
+
+
+def test_append_after_a_torn_line_starts_a_new_one(tmp_path):
+    run = RunDir(tmp_path / "a")
+    run.create(RECIPE)
+    run.append_metrics({"step": 5})
+    with open(run.metrics_path, "a") as f:
+        f.write('{"step": 10, "train_lo')  # killed mid-append
+    run.append_metrics({"step": 10})
+    assert [r["step"] for r in run.read_metrics()] == [5, 10]
+
+
+def test_resume_check_writes_nothing_and_refuses_a_damaged_checkpoint(tmp_path):
+    run = RunDir(tmp_path / "a")
+    run.create(RECIPE)
+    folder = run.save_checkpoint(5, adapters(), opt_state(), {})
+    before = run.recipe_path.stat().st_mtime_ns
+    RunDir(tmp_path / "a").open_for_resume({**RECIPE, "train": {"iters": 50}}, write=False)
+    run.save_recipe(RECIPE)  # unchanged: not rewritten
+    assert run.recipe_path.stat().st_mtime_ns == before
+    (folder / "optimizer.safetensors").write_bytes(b"\0" * 8)
+    with pytest.raises(RunError, match="step-000005: checkpoint unreadable.*delete it"):
+        RunDir(tmp_path / "a").open_for_resume(RECIPE)

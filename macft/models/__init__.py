@@ -63,6 +63,19 @@ def _choose_compute(compute: str, model: nn.Module) -> str:
     return "float32" if fits else "quantized"
 
 
+def _check_vocab(path: Path, tokenizer, config: dict) -> None:
+    """Token ids past the embedding read garbage rows silently: a tokenizer of another model."""
+    hf = getattr(tokenizer, "_tokenizer", tokenizer)
+    n, rows = getattr(hf, "vocab_size", None), config.get("vocab_size")
+    # Fewer tokens than rows is normal (embeddings padded to a multiple of 64 or 128).
+    if isinstance(n, int) and isinstance(rows, int) and n > rows:
+        raise ModelError(
+            f"{path}: the tokenizer has {n:,} tokens but the model's embedding only {rows:,} "
+            "rows (vocab_size); the tokenizer files belong to another model: copy tokenizer.json "
+            "and tokenizer_config.json from this model's repo"
+        )
+
+
 def load_base(path: str, bits: int = 4, group_size: int = 64, compute: str = "auto") -> Base:
     """Load a base model quantized to `bits`/`group_size` (GGUF keeps its own), then pick compute."""
     if compute not in COMPUTES:
@@ -81,6 +94,7 @@ def load_base(path: str, bits: int = 4, group_size: int = 64, compute: str = "au
         from macft.models.gguf import load_gguf
 
         model, tokenizer, config, source = load_gguf(p, bits, group_size)
+    _check_vocab(p, tokenizer, config)
     if not config.get("quantization"):
         config.pop("quantization", None)
     source.setdefault("quantization", config.get("quantization"))

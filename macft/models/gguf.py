@@ -17,13 +17,21 @@ from macft.models.gguf_tokenizer import build_tokenizer, tokenizer_source
 GGUF_GROUP = 32
 
 
+HEADER_BYTES = 24  # magic, version, tensor count, metadata count
+
+
 def _check_magic(path: Path) -> None:
     with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
+        head = f.read(HEADER_BYTES)
+    if head[:4] != b"GGUF":
         raise ModelError(
-            f"{path}: not a GGUF file (starts with {magic!r}, not b'GGUF'); the file is corrupt or "
-            "truncated: download it again"
+            f"{path}: not a GGUF file (starts with {head[:4]!r}, not b'GGUF'); the file is "
+            "corrupt or truncated: download it again"
+        )
+    if len(head) < HEADER_BYTES:
+        raise ModelError(
+            f"{path}: truncated GGUF ({len(head)} bytes, less than its {HEADER_BYTES}-byte "
+            "header); download it again"
         )
 
 
@@ -48,9 +56,10 @@ class _Tensors:
             self.arrays = None
             try:
                 self.reader = gguf.GGUFReader(str(path))
-            except Exception as e:
+            except Exception:  # gguf-py's errors (numpy views, indices) say little to a user
                 raise ModelError(
-                    f"{path}: cannot read GGUF ({e}); the file is corrupt or truncated"
+                    f"{path}: cannot read GGUF ({path.stat().st_size:,} bytes): the file is "
+                    "corrupt or truncated; download it again"
                 ) from None
             self.by_name = {t.name: t for t in self.reader.tensors}
             self.meta = {

@@ -52,6 +52,7 @@ def _smollm():
 PRE_TOKENIZERS = {
     "default": _gpt2,
     "gpt2": _gpt2,
+    "gpt-2": _gpt2,  # the name llama.cpp knows
     "smollm": _smollm,
     "starcoder": _smollm,
     "llama-bpe": lambda: _split_then_bytes(_LLAMA3_SPLIT),

@@ -60,12 +60,21 @@ def read_config(path: Path) -> dict:
         raise ModelError(f"{cfg}: not valid JSON ({e}); fix or replace the file") from None
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+
+
 def _tokenizer(path: Path, config: dict):
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelError(
+            f"{path}: no tokenizer files (found: {_listing(path)}); copy tokenizer.json and "
+            "tokenizer_config.json from the model's repo into this folder"
+        )
     try:
         return mlx_lm_compat.load_folder_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
-    except Exception as e:  # transformers raises many kinds here
+    except Exception as e:  # transformers raises many kinds here, some over several lines
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ModelError(
-            f"{path}: cannot load the tokenizer ({type(e).__name__}: {e}); "
+            f"{path}: cannot load the tokenizer ({type(e).__name__}: {first}); "
             "the folder needs tokenizer.json or tokenizer.model with tokenizer_config.json"
         ) from None
 

@@ -6,6 +6,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from macft.lora_switch import is_switch_linear
+from macft.mlx_lm_compat import QuantizedSwitchLinear, SwitchLinear
+
 FLOAT_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
 
@@ -13,7 +16,8 @@ def quantizable(path: str, module: nn.Module, group_size: int, model: nn.Module 
     """False, or the to_quantized params mlx-lm would use for this module."""
     if not hasattr(module, "to_quantized") or not hasattr(module, "weight"):
         return False
-    if module.weight.ndim != 2 or module.weight.shape[-1] % group_size != 0:
+    ndim = 3 if is_switch_linear(module) else 2  # MoE experts: (experts, out, in)
+    if module.weight.ndim != ndim or module.weight.shape[-1] % group_size != 0:
         return False  # mx.quantize needs whole groups along the last axis
     predicate = getattr(model, "quant_predicate", None) if model is not None else None
     return predicate(path, module) if predicate is not None else True
@@ -60,7 +64,7 @@ def quantization_plan(model: nn.Module) -> dict:
     return {
         p: {"group_size": m.group_size, "bits": m.bits}
         for p, m in model.named_modules()
-        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))
+        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding, QuantizedSwitchLinear))
     }
 
 
@@ -89,6 +93,12 @@ def dequantize(model: nn.Module, dtype) -> None:
             w = mx.dequantize(m.weight, m.scales, m.biases, m.group_size, m.bits).astype(dtype)
             new = nn.Embedding(*w.shape)
             new.weight = w
+        elif isinstance(m, QuantizedSwitchLinear):
+            w = mx.dequantize(m.weight, m.scales, m.biases, m.group_size, m.bits).astype(dtype)
+            new = SwitchLinear(w.shape[2], w.shape[1], w.shape[0], bias="bias" in m)
+            new.weight = w
+            if "bias" in m:
+                new.bias = m.bias.astype(dtype)
         else:
             continue
         mx.eval(new.parameters())
@@ -112,7 +122,7 @@ def float32_bytes(model: nn.Module) -> int:
     """Bytes the model would take with every weight as float32."""
     total = 0
     for _, m in model.named_modules():
-        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding, QuantizedSwitchLinear)):
             total += m.weight.size * 32 // m.bits + (m.bias.size if "bias" in m else 0)
         elif not m.children():
             total += sum(v.size for _, v in tree_flatten(m.parameters()))
