@@ -23,7 +23,7 @@ def _pause() -> None:
         time.sleep(float(seconds))
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     # Makes a rename durable; not every platform allows opening a directory, so best effort.
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -55,7 +55,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -78,7 +78,7 @@ def atomic_save_safetensors(path: Path, weights: dict, metadata: dict | None = N
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def tensor_bytes(*trees: dict) -> int:
@@ -116,7 +116,7 @@ def write_folder(dest: Path, files) -> None:
     try:
         tmp.mkdir(parents=True)
         files(tmp)
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if dest.exists():
             # A folder cannot be renamed over a non-empty one: move the old aside first.
             old = dest.with_name(f".old-{dest.name}-{os.getpid()}")
@@ -130,4 +130,4 @@ def write_folder(dest: Path, files) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_dir(dest.parent)
+    fsync_dir(dest.parent)

@@ -11,7 +11,7 @@ import numpy as np
 
 from macft import gguf_quant as gq
 from macft import gguf_vocab
-from macft.atomic import SPACE_MARGIN, mount_point
+from macft.atomic import SPACE_MARGIN, fsync_dir, mount_point
 from macft.errors import ExportError
 from macft.gguf_layout import (
     llama3_rope_factors,
@@ -101,19 +101,6 @@ def _check_space(path: Path, need: int) -> None:
         )
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _write(tmp: Path, arch: str, add_keys, tensors: list, progress) -> None:
     writer = gguf.GGUFWriter(str(tmp), arch)
     try:
@@ -159,7 +146,7 @@ def write_file(path: Path, arch: str, add_keys, tensors: list, extra_bytes: int,
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path.stat().st_size
 
 

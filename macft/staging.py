@@ -6,6 +6,7 @@ import re
 import shutil
 from pathlib import Path
 
+from macft.atomic import fsync_dir
 from macft.errors import ExportError
 
 _TEMP = re.compile(r"^\..+\.tmp-(\d+)(\.[a-z]+)?$")
@@ -100,7 +101,7 @@ class Staging:
                 _remove(old)
             else:
                 os.replace(tmp, final)
-        _fsync_dir(self.out)
+        fsync_dir(self.out)
         return [final for _, final in self.items]
 
     def __exit__(self, kind, exc, tb):
@@ -128,16 +129,3 @@ def _write_error(out: Path, exc: Exception) -> ExportError:
         f"writing the export in {out} failed: {why}; nothing there was replaced or left behind; "
         "free some space (or give --out on another disk) and run again"
     )
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
