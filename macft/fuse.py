@@ -9,7 +9,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from macft import mlx_lm_compat
 from macft.errors import ExportError, ModelError
-from macft.lora import LoRALinear, base_weight
+from macft.lora import LoRALinear
 from macft.models import Base, quant
 from macft.models.hf import check_safetensors, read_config, weight_files
 
@@ -28,7 +28,7 @@ def merged_weight(layer: LoRALinear, dtype=mx.float32) -> mx.array:
     lora_a as (in, r) and lora_b as (r, out), so the (out, in) update is (scale * B^T) @ A^T.
     """
     f32 = mx.float32
-    w = base_weight(layer.linear).astype(f32)
+    w = quant.float_weight(layer.linear).astype(f32)
     w = w + (layer.scale * layer.lora_b.astype(f32).T) @ layer.lora_a.astype(f32).T
     if layer.dora:
         w = (layer.m.astype(f32) / mx.linalg.norm(w, axis=1))[:, None] * w

@@ -10,6 +10,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from macft import moe
 from macft.errors import ModelError, RecipeError
 from macft.lora_switch import LoRASwitchLinear, is_switch_linear
+from macft.models.quant import float_weight
 
 ATTENTION_HINTS = ("attn", "attention")
 MLP_HINTS = ("mlp", "feed_forward", "ffn")
@@ -23,20 +24,6 @@ def linear_dims(linear: nn.Module) -> tuple[int, int]:
     if isinstance(linear, nn.QuantizedLinear):
         in_dims = in_dims * 32 // linear.bits
     return in_dims, out_dims
-
-
-def base_weight(linear: nn.Module) -> mx.array:
-    """The base weight as floats (out, in), dequantized if needed."""
-    if isinstance(linear, nn.QuantizedLinear):
-        return mx.dequantize(
-            linear.weight,
-            linear.scales,
-            linear.get("biases"),
-            group_size=linear.group_size,
-            bits=linear.bits,
-            mode=linear.mode,
-        )
-    return linear.weight
 
 
 class LoRALinear(nn.Module):
@@ -60,7 +47,7 @@ class LoRALinear(nn.Module):
         self.lora_b = mx.zeros((rank, out_dims))  # zero: the wrapped layer starts equal to the base
         if dora:
             # DoRA's magnitude: the row norms of W, so that at init the output equals the base.
-            self.m = mx.linalg.norm(base_weight(linear).astype(mx.float32), axis=1)
+            self.m = mx.linalg.norm(float_weight(linear).astype(mx.float32), axis=1)
 
     def _base_no_bias(self, x: mx.array) -> mx.array:
         lin = self.linear
@@ -84,7 +71,7 @@ class LoRALinear(nn.Module):
         out = self._base_no_bias(x) + (self.scale * z).astype(x.dtype)
         # Norm of each row of W + scale * (A @ B)^T; no gradient through it, as in DoRA's paper
         # and mlx-lm (it saves memory and keeps the update stable).
-        w = base_weight(self.linear).astype(mx.float32)
+        w = float_weight(self.linear).astype(mx.float32)
         adapted = w + (self.scale * self.lora_b.T) @ self.lora_a.T
         denom = mx.stop_gradient(mx.linalg.norm(adapted, axis=1))
         out = (self.m / denom).astype(x.dtype) * out

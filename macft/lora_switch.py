@@ -6,6 +6,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from macft.mlx_lm_compat import QuantizedSwitchLinear, SwitchLinear
+from macft.models.quant import float_weight
 
 SWITCH_TYPES = (SwitchLinear, QuantizedSwitchLinear)
 
@@ -20,20 +21,6 @@ def switch_dims(linear: nn.Module) -> tuple[int, int, int]:
     if isinstance(linear, QuantizedSwitchLinear):
         in_dims = in_dims * 32 // linear.bits
     return experts, in_dims, out_dims
-
-
-def switch_base_weight(linear: nn.Module) -> mx.array:
-    """The stacked expert weights as floats (experts, out, in), dequantized if needed."""
-    if isinstance(linear, QuantizedSwitchLinear):
-        return mx.dequantize(
-            linear.weight,
-            linear.scales,
-            linear.get("biases"),
-            group_size=linear.group_size,
-            bits=linear.bits,
-            mode=linear.mode,
-        )
-    return linear.weight
 
 
 class LoRASwitchLinear(nn.Module):
@@ -66,7 +53,7 @@ class LoRASwitchLinear(nn.Module):
     def merged_weight(self, dtype=mx.float32) -> mx.array:
         """W[e] + scale * B[e] @ A[e] for every expert, in float32, cast to dtype."""
         f32 = mx.float32
-        w = switch_base_weight(self.linear).astype(f32)
+        w = float_weight(self.linear).astype(f32)
         delta = (self.scale * self.lora_b.astype(f32)) @ self.lora_a.astype(f32)
         return (w + delta).astype(dtype)
 

@@ -6,7 +6,6 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from macft.lora_switch import is_switch_linear
 from macft.mlx_lm_compat import QuantizedSwitchLinear, SwitchLinear
 
 FLOAT_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -16,7 +15,9 @@ def quantizable(path: str, module: nn.Module, group_size: int, model: nn.Module 
     """False, or the to_quantized params mlx-lm would use for this module."""
     if not hasattr(module, "to_quantized") or not hasattr(module, "weight"):
         return False
-    ndim = 3 if is_switch_linear(module) else 2  # MoE experts: (experts, out, in)
+    ndim = (
+        3 if isinstance(module, (SwitchLinear, QuantizedSwitchLinear)) else 2
+    )  # MoE experts: (experts, out, in)
     if module.weight.ndim != ndim or module.weight.shape[-1] % group_size != 0:
         return False  # mx.quantize needs whole groups along the last axis
     predicate = getattr(model, "quant_predicate", None) if model is not None else None
@@ -80,21 +81,35 @@ def config_entry(plan: dict) -> dict | None:
     return entry
 
 
+def float_weight(module: nn.Module) -> mx.array:
+    """A linear's, embedding's or stacked experts' weight as floats, dequantized if needed."""
+    if "scales" not in module:
+        return module.weight
+    return mx.dequantize(
+        module.weight,
+        module.scales,
+        module.get("biases"),
+        group_size=module.group_size,
+        bits=module.bits,
+        mode=getattr(module, "mode", "affine"),
+    )
+
+
 def dequantize(model: nn.Module, dtype) -> None:
     """Quantized layers -> plain Linear/Embedding of `dtype`, one layer at a time; other floats cast."""
     for path, m in list(model.named_modules()):
         if isinstance(m, nn.QuantizedLinear):
-            w = mx.dequantize(m.weight, m.scales, m.biases, m.group_size, m.bits).astype(dtype)
+            w = float_weight(m).astype(dtype)
             new = nn.Linear(w.shape[1], w.shape[0], bias="bias" in m)
             new.weight = w
             if "bias" in m:
                 new.bias = m.bias.astype(dtype)
         elif isinstance(m, nn.QuantizedEmbedding):
-            w = mx.dequantize(m.weight, m.scales, m.biases, m.group_size, m.bits).astype(dtype)
+            w = float_weight(m).astype(dtype)
             new = nn.Embedding(*w.shape)
             new.weight = w
         elif isinstance(m, QuantizedSwitchLinear):
-            w = mx.dequantize(m.weight, m.scales, m.biases, m.group_size, m.bits).astype(dtype)
+            w = float_weight(m).astype(dtype)
             new = SwitchLinear(w.shape[2], w.shape[1], w.shape[0], bias="bias" in m)
             new.weight = w
             if "bias" in m:
