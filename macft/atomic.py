@@ -41,21 +41,32 @@ def _tmp_name(path: Path, suffix: str = "") -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}{suffix}")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same folder, fsync, then rename over `path`."""
-    path = Path(path)
-    tmp = _tmp_name(path)
+def _write_then_rename(path: Path, tmp: Path, write) -> None:
+    """write(tmp) must leave tmp complete and fsynced; then it replaces `path` in one rename."""
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        write(tmp)
         _pause()
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temp file in the same folder, fsync, then rename over `path`."""
+    path = Path(path)
+
+    def write(tmp: Path) -> None:
+        tmp.write_bytes(data)
+        _fsync_file(tmp)
+
+    _write_then_rename(path, _tmp_name(path), write)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -68,17 +79,13 @@ def atomic_write_json(path: Path, obj) -> None:
 
 def atomic_save_safetensors(path: Path, weights: dict, metadata: dict | None = None) -> None:
     path = Path(path)
-    tmp = _tmp_name(path, ".safetensors")  # mx.save_safetensors wants this extension
-    try:
+
+    def write(tmp: Path) -> None:
         mx.save_safetensors(str(tmp), weights, metadata=metadata or {"format": "mlx"})
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        _pause()
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+        _fsync_file(tmp)
+
+    # mx.save_safetensors wants the .safetensors extension on the temp name too
+    _write_then_rename(path, _tmp_name(path, ".safetensors"), write)
 
 
 def tensor_bytes(*trees: dict) -> int:
@@ -88,7 +95,7 @@ def tensor_bytes(*trees: dict) -> int:
 
 def mount_point(path: Path) -> Path:
     """The file system a path lives on (its nearest existing ancestor's mount point)."""
-    p = Path(os.path.abspath(path))
+    p = Path(path).resolve()  # a symlinked folder lives on its target's file system
     while not p.exists() and p != p.parent:
         p = p.parent
     while not os.path.ismount(p) and p != p.parent:
@@ -96,10 +103,15 @@ def mount_point(path: Path) -> Path:
     return p
 
 
+def free_space(path: Path) -> tuple[Path, int]:
+    """(file system, free bytes) where `path` is or would be written."""
+    fs = mount_point(path)
+    return fs, shutil.disk_usage(fs).free
+
+
 def check_space(path: Path, nbytes: int, what: str, fix: str) -> None:
     """Refuse before writing `nbytes` (plus a margin) under `path` when the disk cannot hold it."""
-    fs = mount_point(path)
-    free = shutil.disk_usage(fs).free
+    fs, free = free_space(path)
     need = int(nbytes * 1.05) + SPACE_MARGIN
     if free < need:
         mb = 1024 * 1024

@@ -11,7 +11,7 @@ import numpy as np
 
 from macft import gguf_quant as gq
 from macft import gguf_vocab
-from macft.atomic import SPACE_MARGIN, fsync_dir, mount_point
+from macft.atomic import SPACE_MARGIN, free_space, fsync_dir
 from macft.errors import ExportError
 from macft.gguf_layout import (
     llama3_rope_factors,
@@ -89,10 +89,7 @@ def _add_meta(writer: gguf.GGUFWriter, arch: str, meta: dict) -> None:
 
 
 def _check_space(path: Path, need: int) -> None:
-    import shutil
-
-    fs = mount_point(path.parent)
-    free = shutil.disk_usage(fs).free
+    fs, free = free_space(path.parent)
     if free < need + SPACE_MARGIN:
         mb = 1024 * 1024
         raise ExportError(

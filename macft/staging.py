@@ -6,7 +6,7 @@ import re
 import shutil
 from pathlib import Path
 
-from macft.atomic import fsync_dir
+from macft.atomic import free_space, fsync_dir
 from macft.errors import ExportError
 
 _TEMP = re.compile(r"^\..+\.tmp-(\d+)(\.[a-z]+)?$")
@@ -37,13 +37,9 @@ def _remove(p: Path) -> None:
         p.unlink(missing_ok=True)
 
 
-def _existing(path: Path) -> Path:
-    return next(a for a in (path, *path.parents) if a.exists())
-
-
 def check_free_space(out: Path, need: int) -> None:
     """Refuse before writing anything when `need` bytes (with margin) will not fit."""
-    free = shutil.disk_usage(_existing(Path(out).resolve())).free
+    _, free = free_space(Path(out))
     if free < need:
         raise ExportError(
             f"not enough disk space for the export in {out}: it needs about {human(need)}, "
@@ -122,7 +118,7 @@ def _is_write_failure(exc) -> bool:
 
 
 def _write_error(out: Path, exc: Exception) -> ExportError:
-    free = shutil.disk_usage(_existing(out.resolve())).free
+    _, free = free_space(out)
     full = getattr(exc, "errno", None) == errno.ENOSPC or free < 64e6
     why = f"the disk is full ({human(free)} free)" if full else str(exc)
     return ExportError(
