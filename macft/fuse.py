@@ -7,11 +7,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from macft import mlx_lm_compat
-from macft.errors import ExportError, ModelError
+from macft.errors import ExportError
 from macft.lora import LoRALinear
 from macft.models import Base, quant
-from macft.models.hf import check_safetensors, read_config, weight_files
+from macft.models.hf import load_folder
 
 DTYPES = {"f16": mx.float16, "bf16": mx.bfloat16, "f32": mx.float32}
 REQUANT_GROUP = 64  # mlx-lm's default group size for --quantize
@@ -86,39 +85,10 @@ def float_source(path: Path) -> bool:
 
 
 def load_float_base(path: Path) -> Base:
-    """An HF/MLX float folder as it is: no quantize-on-load, weights in their own dtype."""
-    path = Path(path)
-    config = read_config(path)
-    files = weight_files(path)
-    for f in files:
-        check_safetensors(f)
-    try:
-        model = mlx_lm_compat.build_model(config)
-    except (ValueError, TypeError, KeyError) as e:
-        raise ModelError(f"{path}: mlx-lm cannot build this model ({e})") from None
-    weights = {}
-    for f in files:
-        weights.update(mx.load(str(f)))
-    floats = [v.dtype for v in weights.values() if mx.issubdtype(v.dtype, mx.floating)]
-    dtype = max(set(floats), key=floats.count) if floats else mx.float32
-    if hasattr(model, "sanitize"):
-        weights = model.sanitize(weights)
-    try:
-        model.load_weights(list(weights.items()), strict=True)
-    except ValueError as e:
-        raise ModelError(f"{path}: weights do not match config.json ({e})") from None
-    del weights
-    model.eval()
-    mx.eval(model.parameters())
-    try:
-        tokenizer = mlx_lm_compat.load_folder_tokenizer(
-            path, eos_token_ids=config.get("eos_token_id")
-        )
-    except Exception as e:  # transformers raises many kinds here
-        raise ModelError(f"{path}: cannot load the tokenizer ({type(e).__name__}: {e})") from None
-    name = str(dtype).replace("mlx.core.", "")
-    source = {"kind": "hf", "path": str(path), "dtype": name, "compute": name}
-    return Base(model=model, tokenizer=tokenizer, config=dict(config), source=source)
+    """An HF float folder as it is: no quantize-on-load, weights in their own dtype."""
+    model, tokenizer, config, source = load_folder(Path(path), bits=None)
+    source["compute"] = source["dtype"]
+    return Base(model=model, tokenizer=tokenizer, config=config, source=source)
 
 
 def parameter_count(model: nn.Module) -> int:

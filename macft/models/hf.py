@@ -84,8 +84,8 @@ def _source_dtype(weights: dict) -> str:
     return str(max(set(floats), key=floats.count)).replace("mlx.core.", "") if floats else "unknown"
 
 
-def load_folder(path: Path, bits: int, group_size: int):
-    """-> (model, tokenizer, config, source)."""
+def load_folder(path: Path, bits: int | None, group_size: int = 64):
+    """-> (model, tokenizer, config, source); bits=None keeps a float folder's weights as they are."""
     config = read_config(path)
     files = weight_files(path)
     for f in files:
@@ -118,7 +118,7 @@ def load_folder(path: Path, bits: int, group_size: int):
     dtype = _source_dtype(weights)
     if hasattr(model, "sanitize"):
         weights = model.sanitize(weights)
-    plan = quant.quantize_on_load(model, weights, bits, group_size)
+    plan = quant.quantize_on_load(model, weights, bits, group_size) if bits else {}
     quant.apply_quantization(model, plan)
     try:
         model.load_weights(list(weights.items()), strict=True)
@@ -128,6 +128,7 @@ def load_folder(path: Path, bits: int, group_size: int):
     model.eval()
     mx.eval(model.parameters())
     config = dict(config)
-    config["quantization"] = quant.config_entry(plan)
+    if plan:
+        config["quantization"] = quant.config_entry(plan)
     source = {"kind": "hf", "path": str(path), "dtype": dtype}
     return model, _tokenizer(path, config), config, source
