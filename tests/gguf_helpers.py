@@ -5,7 +5,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
-from conftest import CHATML, SPECIALS
+from conftest import CHATML, SPECIALS, TINY_CONFIG
 from gguf import GGUFReader
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models.cache import make_prompt_cache
@@ -25,18 +25,8 @@ MERGES = [
 ]  # fmt: skip
 PROMPT = "the cat sat on the mat, 12 times"
 
-BASE = {
-    "hidden_size": 64,
-    "num_hidden_layers": 2,
-    "intermediate_size": 128,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "rms_norm_eps": 1e-5,
-    "vocab_size": 300,  # more rows than tokens: the GGUF vocabulary is padded
-    "rope_theta": 10000.0,
-    "max_position_embeddings": 512,
-    "tie_word_embeddings": False,
-}
+# The tiny llama of conftest without its model_type; more rows than tokens: the GGUF vocabulary is padded
+BASE = {**{k: v for k, v in TINY_CONFIG.items() if k != "model_type"}, "vocab_size": 300}
 LLAMA3_ROPE = {
     "rope_type": "llama3",
     "factor": 8.0,

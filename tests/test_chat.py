@@ -11,7 +11,7 @@ import pexpect
 import pytest
 import yaml
 from click.testing import CliRunner
-from conftest import build_tiny_model, save_tiny_model_dir
+from conftest import build_tiny_model, save_tiny_model_dir, train_with_cli, write_qa_chat
 
 from macft.chat import ChatModel, ChatSession, lora_disabled
 from macft.cli import cli
@@ -29,7 +29,6 @@ GREEDY = ["--temp", "0", "--max-tokens", "12"]
 
 
 def train(model_dir, data, out, *sets):
-    args = ["train", "--model", str(model_dir), "--data", str(data), "--out", str(out)]
     settings = {
         "model.compute": "float32",
         "train.batch_size": 4,
@@ -43,12 +42,7 @@ def train(model_dir, data, out, *sets):
         "lora.dropout": 0.0,
         "data.system": "You are a network engineer.",
     }
-    settings.update(s.split("=", 1) for s in sets)
-    for key, value in settings.items():
-        args += ["--set", f"{key}={value}"]
-    result = CliRunner().invoke(cli, args)
-    assert result.exit_code == 0, result.output
-    return out
+    return train_with_cli(model_dir, data, out, settings, *sets)
 
 
 @pytest.fixture(scope="module")
@@ -56,12 +50,7 @@ def run(tmp_path_factory):
     """A tiny model trained 6 steps: a run folder with adapters, checkpoints and a system prompt."""
     root = tmp_path_factory.mktemp("chat")
     model_dir = save_tiny_model_dir(root / "tiny")
-    data = root / "net.jsonl"
-    with data.open("w") as f:
-        for i in range(16):
-            q, a = QA[i % len(QA)]
-            msgs = [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-            f.write(json.dumps({"messages": msgs}) + "\n")
+    data = write_qa_chat(root / "net.jsonl", QA)
     return train(model_dir, data, root / "run", "train.iters=6")
 
 

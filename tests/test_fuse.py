@@ -12,7 +12,14 @@ import numpy as np
 import pytest
 import yaml
 from click.testing import CliRunner
-from conftest import CHATML, build_tiny_hf_tokenizer, build_tiny_model, save_tiny_model_dir
+from conftest import (
+    CHATML,
+    build_tiny_hf_tokenizer,
+    build_tiny_model,
+    save_tiny_model_dir,
+    train_with_cli,
+    write_qa_chat,
+)
 from mlx.utils import tree_flatten
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
@@ -113,7 +120,6 @@ def test_fuse_to_float16_stays_close():
 
 
 def train(model_dir, data, out, *sets):
-    args = ["train", "--model", str(model_dir), "--data", str(data), "--out", str(out)]
     settings = {
         "model.compute": "float32",
         "train.batch_size": 4,
@@ -127,12 +133,7 @@ def train(model_dir, data, out, *sets):
         "lora.dropout": 0.0,
         "data.system": "You are a network engineer.",
     }
-    settings.update(s.split("=", 1) for s in sets)
-    for key, value in settings.items():
-        args += ["--set", f"{key}={value}"]
-    result = CliRunner().invoke(cli, args)
-    assert result.exit_code == 0, result.output
-    return out
+    return train_with_cli(model_dir, data, out, settings, *sets)
 
 
 @pytest.fixture(scope="module")
@@ -140,12 +141,7 @@ def runs(tmp_path_factory):
     """A float32 HF folder, and a LoRA and a DoRA run trained 4 steps on it."""
     root = tmp_path_factory.mktemp("fuse")
     model_dir = save_tiny_model_dir(root / "tiny")
-    data = root / "net.jsonl"
-    with data.open("w") as f:
-        for i in range(16):
-            q, a = QA[i % len(QA)]
-            msgs = [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-            f.write(json.dumps({"messages": msgs}) + "\n")
+    data = write_qa_chat(root / "net.jsonl", QA)
     lora = train(model_dir, data, root / "net")
     dora = train(model_dir, data, root / "dora", "lora.dora=true", "lora.layers=1")
     return {"base": model_dir, "lora": lora, "dora": dora}
