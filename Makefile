@@ -48,6 +48,7 @@ demo: install
 bench: install
 	$(PRELOAD) $(BIN)/python bench/bench_vs_mlx_lm.py $(BENCH_ARGS)
 	$(PRELOAD) $(BIN)/python bench/bench_step.py --steps 3
+	$(PRELOAD) $(BIN)/python bench/bench_ceiling.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info .pytest_cache

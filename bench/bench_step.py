@@ -20,25 +20,31 @@ import mlx.nn as nn
 from macft import backend
 from macft.batches import accumulate, batch_loss, batch_order
 from macft.data import load_data
+from macft.lean_ops import lean_training
 from macft.lora import apply_lora
 from macft.models import load_base
 from macft.qmatmul import float_matmuls
 from macft.trainer import grad_checkpointing
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikisql"
-# name -> (pack, loss_chunk, grad_checkpoint, dequantize per matmul)
+# name -> (pack, loss_chunk, grad_checkpoint, dequantize per matmul, lean ops on a CPU)
 OPTIONS = {
-    "padded+full": (False, 0, False, False),  # what mlx_lm does (without its mx.compile)
-    "padded+chunk256": (False, 256, False, False),
-    "packed+full": (True, 0, False, False),
-    "packed+chunk1024": (True, 1024, False, False),
-    "packed+chunk256": (True, 256, False, False),  # macft's default
-    "packed+chunk64": (True, 64, False, False),
-    "packed+chunk256+ckpt": (True, 256, True, False),
-    "packed+chunk256+floatmm": (True, 256, False, True),  # quantized base: macft's default
+    "padded+full": (False, 0, False, False, False),  # what mlx_lm does (without its mx.compile)
+    "padded+chunk64": (False, 64, False, False, False),
+    "packed+full": (True, 0, False, False, False),
+    "packed+chunk256": (True, 256, False, False, False),
+    "packed+chunk64": (True, 64, False, False, False),
+    "packed+chunk64+lean": (True, 64, False, False, True),  # macft's default on a CPU
+    "packed+chunk64+ckpt": (True, 64, True, False, True),
+    "packed+chunk64+lean+floatmm": (True, 64, False, True, True),  # quantized base: the default
 }
-QUANTIZED = ["padded+full", "packed+chunk256", "padded+full+floatmm", "packed+chunk256+floatmm"]
-OPTIONS["padded+full+floatmm"] = (False, 0, False, True)
+QUANTIZED = [
+    "padded+full",
+    "packed+chunk64+lean",
+    "padded+full+floatmm",
+    "packed+chunk64+lean+floatmm",
+]
+OPTIONS["padded+full+floatmm"] = (False, 0, False, True, False)
 
 
 def main() -> None:
@@ -66,8 +72,12 @@ def main() -> None:
     )
     print(f"{'option':24} {'tokens/s':>9} {'s/step':>7} {'CPU s/step':>10} {'MLX peak GB':>12}")
     for name in names:
-        pack, chunk, ckpt, fmm = OPTIONS[name]
-        with grad_checkpointing(model, ckpt), float_matmuls(model, fmm):
+        pack, chunk, ckpt, fmm, lean = OPTIONS[name]
+        with (
+            grad_checkpointing(model, ckpt),
+            lean_training(model, lean, checkpointing=ckpt),
+            float_matmuls(model, fmm),
+        ):
             accumulate(lg, model, batches[:1], pad, pack=pack, loss_chunk=chunk)  # warm up
             mx.clear_cache()
             backend.reset_peak_memory()

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import mlx.nn as nn
 
-from macft import backend
+from macft import backend, fast_math
 
 
 @dataclass
@@ -18,6 +18,7 @@ class Head:
 
     fwd: Callable  # h -> h @ W.T
     bwd: Callable  # d logits -> d logits @ W
+    rows: Callable  # token ids -> their rows of W (float): onehot @ W without the onehot
     cap: float | None = None  # Gemma-2 style soft-capping of the logits
 
     def __call__(self, h: mx.array) -> mx.array:
@@ -39,7 +40,11 @@ def _matmuls(module):
             def bwd(d):
                 return mx.quantized_matmul(d, w, scales, biases, transpose=False, **kw)
 
-            return fwd, bwd
+            def rows(ids):
+                b = None if biases is None else biases[ids]
+                return mx.dequantize(w[ids], scales[ids], b, **kw)
+
+            return fwd, bwd, rows
         # On a CPU the quantized matmul is ~70x slower than a float BLAS; one float copy per
         # micro-batch serves every chunk, forwards and backwards.
         weight = mx.dequantize(w, scales, biases, **kw)
@@ -47,7 +52,11 @@ def _matmuls(module):
         weight = module.weight
     else:
         return None
-    return (lambda h: h @ weight.T.astype(h.dtype)), (lambda d: d @ weight.astype(d.dtype))
+    return (
+        lambda h: h @ weight.T.astype(h.dtype),
+        lambda d: d @ weight.astype(d.dtype),
+        lambda ids: weight[ids],
+    )
 
 
 def head_fn(model) -> Head | None:
@@ -110,19 +119,22 @@ def fused_ce_sum(head, h, targets, chunk: int) -> mx.array:
                 # hold all their logits.
                 (hc,) = mx.depends([hc], [grads[-1], total])
             logits = head(hc).astype(mx.float32)
+            top = mx.max(logits, axis=-1, keepdims=True)
+            picked = mx.take_along_axis(logits, tc[:, None], axis=-1)
             # One exp pass for both the loss and the softmax: on a CPU, exp over n x V floats
             # costs more than the head's matmul (logsumexp, then exp again, would double it).
-            top = mx.max(logits, axis=-1, keepdims=True)
-            e = mx.exp(logits - top)
-            norm = e.sum(axis=-1, keepdims=True)
-            picked = mx.take_along_axis(logits, tc[:, None], axis=-1)
+            # exp and the division each write over their input, so one n x V buffer serves.
+            p = fast_math.shifted_exp(logits, top)
+            norm = p.sum(axis=-1, keepdims=True)
             loss = (top + mx.log(norm) - picked).sum()
-            p = e / norm
-            picked = mx.take_along_axis(p, tc[:, None], axis=-1)
-            d_logits = mx.put_along_axis(p, tc[:, None], picked - 1, axis=-1)
+            p = p * (1 / norm)
             if head.cap:  # d tanh(z / c) * c / dz = 1 - tanh^2
-                d_logits = d_logits * (1 - (logits / head.cap) ** 2)
-            grads.append(head.bwd(d_logits.astype(hc.dtype)))
+                at = mx.take_along_axis(p, tc[:, None], axis=-1)
+                d = mx.put_along_axis(p, tc[:, None], at - 1, axis=-1)
+                dh = head.bwd((d * (1 - (logits / head.cap) ** 2)).astype(hc.dtype))
+            else:  # (softmax - onehot) @ W = softmax @ W - the target rows of W
+                dh = head.bwd(p.astype(hc.dtype)) - head.rows(tc).astype(hc.dtype)
+            grads.append(dh)
             total = total + loss
         return total, mx.concatenate(grads) if len(grads) > 1 else grads[0]
 

@@ -123,6 +123,7 @@ class Setup:
     scale_bytes: int = 2  # quantization scales and biases
     loss_chunk: int = 0  # the trainer's chunked loss: rows of logits at a time; 0 = all at once
     machines: int = 1  # data-parallel ranks, each with this batch (macft train --hosts)
+    lean: bool = False  # macft.lean_ops (on a CPU): no n x n probabilities, less per norm and MLP
 
 
 @dataclass
@@ -207,12 +208,17 @@ def layer_activation_bytes(shape: Shape, setup: Setup, tokens: int, width: int) 
     h, a = shape.hidden, setup.act_bytes
     q_dim, kv_dim = shape.heads * shape.hd, shape.kv_heads * shape.hd
     lora = _lora_dims(shape, setup)
-    per_token = a * (3 * shape.norms * h + 2 * q_dim + 2 * kv_dim + 5 * shape.mlp_width)
+    # Without checkpointing, the lean ops keep a norm's input only (its output is the next
+    # LoRA's input), no attention probabilities, and the MLP's gate, up and product.
+    lean = setup.lean and not setup.grad_checkpoint
+    norm_copies, mlp_copies = (2, 3) if lean else (3, 5)
+    per_token = a * (norm_copies * shape.norms * h + 2 * q_dim + 2 * kv_dim)
+    per_token += a * mlp_copies * shape.mlp_width
     if shape.experts:
         # A copy of the input per routed expert (sorted by expert), the experts' outputs before
         # and after unsorting; the router's scores and probabilities.
         per_token += a * (3 * shape.active * h + 3 * shape.experts)
-    per_token += a * shape.heads * width
+    per_token += a * shape.heads * (1 if lean else width)
     if shape.qk_norm:
         per_token += a * 2 * (q_dim + kv_dim)  # the normed queries and keys, and their inputs
     per_token += 4 * setup.rank * len(lora)  # x @ A is float32: LoRA weights are float32
@@ -228,13 +234,15 @@ def logits_bytes(shape: Shape, setup: Setup, tokens: int) -> int:
     """Logits and cross-entropy: float32 logits, the softmax and its gradient (3 x tokens x vocab).
 
     A chunked loss computes them `loss_chunk` rows at a time and keeps the hidden states and
-    their gradient instead.
+    their gradient instead; it pays off once a micro-batch holds more than ~3 chunks of tokens.
     """
     v, a = shape.vocab, setup.act_bytes
     cast = a * v if a < 4 else 0  # the head's output before the float32 cast
     if setup.loss_chunk:
-        rows = min(setup.loss_chunk, tokens)
-        return rows * (3 * 4 * v + cast) + 2 * tokens * shape.hidden * a
+        # MLX allocates an op's output when it queues the op, ahead of running it: measured,
+        # about 10 chunks' worth of n x V arrays are alive at once, and at most 3 per token.
+        rows = min(3 * tokens, 10 * setup.loss_chunk)
+        return rows * (4 * v + cast) + 2 * tokens * shape.hidden * a
     return tokens * (3 * 4 * v + cast)
 
 

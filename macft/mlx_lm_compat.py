@@ -1,10 +1,14 @@
 """The one module that reaches into mlx-lm internals, so a new mlx-lm release breaks only here."""
 
+import contextlib
+import sys
 from functools import partial
 from pathlib import Path
 
 import mlx.nn as nn
 from mlx_lm import utils as _utils
+from mlx_lm.models import activations as _activations
+from mlx_lm.models import base as _base
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 from mlx_lm.tokenizer_utils import (
     BPEStreamingDetokenizer,
@@ -21,6 +25,7 @@ __all__ = [
     "load_quantized_folder",
     "load_folder_tokenizer",
     "model_classes",
+    "model_functions",
     "wrap_tokenizer",
 ]
 
@@ -55,3 +60,31 @@ def wrap_tokenizer(hf_tokenizer, detokenizer: str | None, eos_token_ids=None) ->
     """Wrap an HF tokenizer with the streaming detokenizer that matches its decoder."""
     cls = _DETOKENIZERS.get(detokenizer, NaiveStreamingDetokenizer)
     return TokenizerWrapper(hf_tokenizer, cls, eos_token_ids=eos_token_ids)
+
+
+# Functions mlx-lm's model modules import by name; model_functions can swap these.
+_SHARED = {
+    "scaled_dot_product_attention": _base.scaled_dot_product_attention,
+    "swiglu": _activations.swiglu,
+}
+
+
+@contextlib.contextmanager
+def model_functions(model, replacements: dict):
+    """Swap functions a model's module calls by name, for the duration.
+
+    replacements: name -> (mlx-lm's function -> the one to use instead). A name is swapped
+    only where the module holds mlx-lm's shared function under it (not its own variant).
+    """
+    module = sys.modules.get(type(model).__module__)
+    swapped = {}
+    for name, make in replacements.items():
+        original = getattr(module, name, None)
+        if original is not None and original is _SHARED.get(name):
+            swapped[name] = original
+            setattr(module, name, make(original))
+    try:
+        yield
+    finally:
+        for name, original in swapped.items():
+            setattr(module, name, original)

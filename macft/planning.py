@@ -141,7 +141,8 @@ def make_plan(
     recipe: dict, shape: mp.Shape, seq_len: int, usable: int, on_mac: bool, machines: int = 1
 ) -> mp.Plan:
     compute, (act, scale) = mac_compute(recipe, on_mac, shape, usable)
-    setup = replace(setup_for(recipe, seq_len, compute, act, scale), machines=machines)
+    setup = setup_for(recipe, seq_len, compute, act, scale)
+    setup = replace(setup, machines=machines, lean=not on_mac)
     return mp.plan(shape, setup, usable)
 
 
@@ -213,7 +214,7 @@ def check_before_training(
     compute = source.get("compute", "quantized")
     act = 4 if compute == "float32" or (compute == "quantized" and not on_mac) else 2
     setup = setup_for(recipe, seq, compute, act, 4 if not on_mac else 2)
-    plan = mp.plan(shape, replace(setup, machines=machines), usable)
+    plan = mp.plan(shape, replace(setup, machines=machines, lean=not on_mac), usable)
     console.print(plan.summary())
     if plan.fits:
         return plan

@@ -76,7 +76,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "report_every": Key(5, "int", lo=1),
         "pack": Key(True, "bool", help="several examples per row; positions restart per example"),
         "loss_chunk": Key(
-            256, "int", lo=0, help="LM head + loss on target positions only, N at a time; 0 = off"
+            64, "int", lo=0, help="LM head + loss on target positions only, N at a time; 0 = off"
         ),
         "moe_aux_loss": Key(
             0.0, "float", lo=0.0, hi=1.0, help="MoE load-balancing loss weight; 0 = off"

@@ -22,6 +22,7 @@ from macft.batches import (
 )
 from macft.distributed import SOLO, PeerLost
 from macft.errors import DataError, RunError
+from macft.lean_ops import lean_training
 from macft.lora import adapter_weights, load_adapter_weights
 from macft.moe_load import ExpertTracker
 from macft.qmatmul import float_matmuls
@@ -49,7 +50,7 @@ class TrainConfig:
     early_stopping: int = 0  # evals without val-loss improvement before stopping; 0 = off
     report_every: int = 5
     pack: bool = True  # several examples per row (block-diagonal mask, positions from 0)
-    loss_chunk: int = 256  # LM head + loss on target positions only, this many at a time; 0 = off
+    loss_chunk: int = 64  # LM head + loss on target positions only, this many at a time; 0 = off
     moe_aux_loss: float = 0.0  # MoE load-balancing loss weight (needs a trained router); 0 = off
 
 
@@ -202,7 +203,8 @@ def train(
         was_training = model.training
         model.train()
         try:
-            with grad_checkpointing(model, cfg.grad_checkpoint), experts:
+            ckpt = cfg.grad_checkpoint
+            with grad_checkpointing(model, ckpt), lean_training(model, checkpointing=ckpt), experts:
                 while st["step"] < total:
                     step = st["step"] + 1
                     t0 = time.perf_counter()
