@@ -1,0 +1,148 @@
+"""Mixture-of-experts LoRA on tiny random qwen3_moe and mixtral models: presets, routing, metrics."""
+
+import json
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+from mlx_lm.models import mixtral, qwen3_moe
+from test_trainer import PAD, counting_examples, new_run
+
+from macft.batches import batch_loss, make_batch
+from macft.lora import apply_lora
+from macft.trainer import TrainConfig, train
+
+E, K, H, FF, RANK = 4, 2, 64, 32, 4  # experts, experts per token, hidden, expert MLP width, rank
+COMMON = {"hidden_size": H, "num_hidden_layers": 2, "num_attention_heads": 4,
+          "num_key_value_heads": 2, "rms_norm_eps": 1e-5, "vocab_size": 259,
+          "rope_theta": 10000.0, "tie_word_embeddings": False, "max_position_embeddings": 512}  # fmt: skip
+CONFIGS = {
+    "qwen3_moe": (qwen3_moe, {**COMMON, "model_type": "qwen3_moe", "head_dim": 16,
+                  "intermediate_size": 128, "moe_intermediate_size": FF, "num_experts": E,
+                  "num_experts_per_tok": K, "decoder_sparse_step": 1, "mlp_only_layers": [],
+                  "norm_topk_prob": True}),
+    "mixtral": (mixtral, {**COMMON, "model_type": "mixtral", "intermediate_size": FF,
+                "num_local_experts": E, "num_experts_per_tok": K}),
+}  # fmt: skip
+
+
+def build(kind, seed=0):
+    module, cfg = CONFIGS[kind]
+    mx.random.seed(seed)
+    model = module.Model(module.ModelArgs.from_dict(cfg))
+    mx.eval(model.parameters())
+    return model
+
+
+def lora_count(d_in, d_out, copies=1):
+    return copies * RANK * (d_in + d_out)
+
+
+def expected(targets, router):
+    """Trainable parameters per preset, from the shapes alone (2 layers)."""
+    q, kv = 4 * 16, 2 * 16
+    attention = lora_count(H, q) + 2 * lora_count(H, kv) + lora_count(q, H)
+    experts = 2 * lora_count(H, FF, E) + lora_count(FF, H, E)
+    per_layer = {"attention": attention, "experts": experts, "all-linear": attention + experts}
+    return 2 * (per_layer[targets] + (lora_count(H, E) if router else 0))
+
+
+@pytest.mark.parametrize("kind", CONFIGS)
+@pytest.mark.parametrize(
+    "targets,router",
+    [("attention", False), ("experts", False), ("experts", True), ("all-linear", False)],
+)
+def test_each_preset_trains_exactly_what_it_names(kind, targets, router):
+    model = build(kind)
+    apply_lora(model, rank=RANK, alpha=2 * RANK, targets=targets, router=router)
+    trainable = dict(tree_flatten(model.trainable_parameters()))
+    assert sum(v.size for v in trainable.values()) == expected(targets, router)
+    names = set(trainable)
+    assert any(".gate." in n for n in names) == router  # the router: only when asked
+    assert any("switch_mlp" in n for n in names) == (targets != "attention")
+    assert any("self_attn" in n for n in names) == (targets != "experts")
+
+
+def routed_experts(model, inputs):
+    """The experts each layer's router picks for these inputs (a forward pass, gates hooked)."""
+    picked, blocks = [], [layer.mlp for layer in model.model.layers]
+    for block in blocks:
+        gate = block.gate
+
+        def hooked(x, gate=gate):
+            logits = gate(x)
+            picked.append(set(np.array(mx.argpartition(-logits, K - 1, axis=-1)[..., :K]).ravel()))
+            return logits
+
+        block.gate = hooked
+    model(inputs)
+    for block, gate in zip(blocks, [b.gate.__defaults__[0] for b in blocks], strict=True):
+        block.gate = gate
+    return picked
+
+
+def test_unrouted_experts_get_no_gradient():
+    model = build("qwen3_moe")
+    apply_lora(model, rank=RANK, alpha=2 * RANK, targets="experts")
+    for _, m in model.named_modules():  # non-zero B: every routed expert's A gets a gradient
+        if hasattr(m, "lora_b"):
+            m.lora_b = mx.random.normal(m.lora_b.shape) * 0.3
+    batch = make_batch([counting_examples(1, seed=3)[0]], PAD)
+    inputs = batch.inputs[:, :3]  # few tokens: some experts get none
+    picked = routed_experts(model, inputs)
+    _, grads = nn.value_and_grad(model, lambda m: m(inputs).astype(mx.float32).sum())(model)
+    grads = dict(tree_flatten(grads))
+    unrouted = 0
+    for i, chosen in enumerate(picked):
+        g = np.array(grads[f"model.layers.{i}.mlp.switch_mlp.up_proj.lora_a"])
+        for e in range(E):
+            if e in chosen:
+                assert np.abs(g[e]).max() > 0
+            else:
+                unrouted += 1
+                assert np.abs(g[e]).max() == 0
+    assert unrouted > 0  # the test saw at least one expert with no tokens
+
+
+@pytest.mark.parametrize("kind", CONFIGS)
+def test_training_keeps_frozen_routers_and_logs_expert_load(kind, tmp_path):
+    model = build(kind)
+    info = apply_lora(model, rank=RANK, alpha=2 * RANK, targets="experts")
+    frozen = {k: np.array(v) for k, v in tree_flatten(model.parameters()) if "lora" not in k}
+    data = counting_examples(8)
+    cfg = TrainConfig(iters=20, batch_size=4, learning_rate=3e-3, warmup=2, eval_every=10,
+                      report_every=5)  # fmt: skip
+    run = new_run(tmp_path)
+    result = train(model, data, data, cfg, run, PAD, lora_info=info)
+    assert result.losses[20] < result.losses[1]
+    after = dict(tree_flatten(model.parameters()))
+    for k, v in frozen.items():  # routers and the experts' base weights: bit-identical
+        assert np.array_equal(np.array(after[k]), v), k
+    rows = [json.loads(x) for x in (run.path / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in rows if "expert_counts" in r]
+    assert logged, rows[-1].keys()
+    for r in logged:
+        assert set(r["expert_counts"]) == {"0", "1"}  # both layers
+        for counts in r["expert_counts"].values():
+            assert len(counts) == E and sum(counts) == K * r["expert_tokens"]
+        assert K / E <= r["expert_top_share"] <= 1.0
+
+
+def test_dense_models_log_no_expert_metrics(tmp_path):
+    from test_trainer import lora_model
+
+    model, info = lora_model()
+    run = new_run(tmp_path)
+    train(model, counting_examples(4), [], TrainConfig(iters=3, batch_size=2, report_every=1),
+          run, PAD, lora_info=info)  # fmt: skip
+    rows = [json.loads(x) for x in (run.path / "metrics.jsonl").read_text().splitlines()]
+    assert rows and not any(k.startswith("expert_") for r in rows for k in r)
+
+
+def test_batch_loss_runs_on_moe():
+    model = build("mixtral")
+    apply_lora(model, rank=RANK, alpha=2 * RANK, targets="all-linear")
+    batch = make_batch(counting_examples(3), PAD)
+    assert np.isfinite(batch_loss(model, batch).item())
