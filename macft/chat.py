@@ -190,7 +190,14 @@ def _load_run(run: RunDir, model: str | None, checkpoint: str | None, loader) ->
             f"{adapters}: cannot read the adapters ({e}); the file is damaged: "
             "pick a checkpoint with --checkpoint best or step-N, or train again"
         ) from None
-    ranks = sorted({v.shape[-1] for k, v in weights.items() if k.endswith(".lora_a")})
+    # lora_a is (in, rank), or (experts, rank, in) on a mixture of experts' stacked experts
+    ranks = sorted(
+        {
+            v.shape[-1] if v.ndim == 2 else v.shape[-2]
+            for k, v in weights.items()
+            if k.endswith(".lora_a")
+        }
+    )
     if "rank" not in lora_kw and len(ranks) == 1:
         lora_kw["rank"] = ranks[0]  # no settings saved with them: the tensors tell
     elif ranks and lora_kw.get("rank") not in ranks:

@@ -9,6 +9,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from macft.errors import ExportError
 from macft.lora import LoRALinear
+from macft.lora_switch import LoRASwitchLinear
 from macft.models import Base, quant
 from macft.models.hf import load_folder
 
@@ -16,8 +17,10 @@ DTYPES = {"f16": mx.float16, "bf16": mx.bfloat16, "f32": mx.float32}
 REQUANT_GROUP = 64  # mlx-lm's default group size for --quantize
 
 
-def lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
-    return [(p, m) for p, m in model.named_modules() if isinstance(m, LoRALinear)]
+def lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """LoRA linears, and on a mixture of experts the stacked experts' LoRA."""
+    kinds = (LoRALinear, LoRASwitchLinear)
+    return [(p, m) for p, m in model.named_modules() if isinstance(m, kinds)]
 
 
 def merged_weight(layer: LoRALinear, dtype=mx.float32) -> mx.array:
@@ -44,12 +47,15 @@ def fuse_model(model: nn.Module, dtype, progress=None) -> int:
     if not layers:
         raise ExportError("this model carries no LoRA layers; there is nothing to fuse")
     for done, (path, layer) in enumerate(layers, 1):
-        w = merged_weight(layer, dtype)
-        has_bias = "bias" in layer.linear
-        fused = nn.Linear(w.shape[1], w.shape[0], bias=has_bias)
-        fused.weight = w
-        if has_bias:
-            fused.bias = layer.linear.bias.astype(dtype)
+        if isinstance(layer, LoRASwitchLinear):
+            fused = layer.fused(dtype)  # every expert's W[e] + scale * B[e] @ A[e]
+        else:
+            w = merged_weight(layer, dtype)
+            has_bias = "bias" in layer.linear
+            fused = nn.Linear(w.shape[1], w.shape[0], bias=has_bias)
+            fused.weight = w
+            if has_bias:
+                fused.bias = layer.linear.bias.astype(dtype)
         mx.eval(fused.parameters())
         model.update_modules(tree_unflatten([(path, fused)]))
         if progress is not None:

@@ -32,6 +32,8 @@ class LoRASwitchLinear(nn.Module):
     mlx_lm.load(base, adapter_path=run) reads what macft saves.
     """
 
+    dora = False  # DoRA is for single linears; the stacked experts take plain LoRA
+
     def __init__(self, linear: nn.Module, rank: int, scale: float, dropout: float = 0.0):
         super().__init__()
         experts, in_dims, out_dims = switch_dims(linear)

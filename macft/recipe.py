@@ -103,9 +103,11 @@ def find_recipe(name_or_path: str) -> Path:
     stem = Path(name_or_path).name.removesuffix(".yaml")
     if stem in shipped:
         return shipped[stem]
+    close = difflib.get_close_matches(stem, list(shipped), n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
     raise RecipeError(
-        f"no recipe file {name_or_path}; shipped recipes: {', '.join(shipped) or 'none'} "
-        "(pass a path to a .yaml file or one of these names)"
+        f"no recipe file {name_or_path}; {hint}pass a path to a .yaml file or the name of one "
+        f"of the {len(shipped)} shipped recipes (macft recipes lists them)"
     )
 
 

@@ -11,6 +11,7 @@ from mlx_lm.models import mixtral, qwen3_moe
 from test_trainer import PAD, counting_examples, new_run
 
 from macft.batches import batch_loss, make_batch
+from macft.fuse import fuse_model
 from macft.lora import apply_lora
 from macft.trainer import TrainConfig, train
 
@@ -146,3 +147,56 @@ def test_batch_loss_runs_on_moe():
     apply_lora(model, rank=RANK, alpha=2 * RANK, targets="all-linear")
     batch = make_batch(counting_examples(3), PAD)
     assert np.isfinite(batch_loss(model, batch).item())
+
+
+@pytest.mark.parametrize("kind", CONFIGS)
+def test_fused_moe_model_gives_the_adapted_logits(kind):
+    model = build(kind)
+    apply_lora(model, rank=RANK, alpha=2 * RANK, targets="all-linear")
+    for _, m in model.named_modules():  # adapters that change the output
+        if hasattr(m, "lora_b"):
+            m.lora_b = mx.random.normal(m.lora_b.shape) * 0.2
+    inputs = make_batch(counting_examples(2, seed=5), PAD).inputs
+    adapted = model(inputs)
+    plain = build(kind)(inputs)
+    assert mx.abs(adapted - plain).max().item() > 1e-2  # the adapters matter
+    assert fuse_model(model, mx.float32) == 2 * (4 + 3)  # 4 attention + 3 expert LoRAs a layer
+    assert not any("lora" in k for k, _ in tree_flatten(model.parameters()))
+    assert mx.allclose(model(inputs), adapted, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", CONFIGS)
+def test_cli_trains_fuses_and_exports_an_moe_run(kind, tmp_path):
+    import gguf
+    import mlx_lm
+    from click.testing import CliRunner
+    from conftest import save_tiny_model_dir, train_with_cli, write_qa_chat
+    from gguf_helpers import bpe_tokenizer
+
+    from macft.cli import cli
+
+    module, cfg = CONFIGS[kind]
+    cfg = {**cfg, "vocab_size": 300}  # the BPE tokenizer's: llama.cpp needs its merges
+    mx.random.seed(0)
+    model = module.Model(module.ModelArgs.from_dict(cfg))
+    model_dir = save_tiny_model_dir(tmp_path / "moe", model=model, **cfg)
+    bpe_tokenizer()._tokenizer.save_pretrained(str(model_dir))
+    data = write_qa_chat(tmp_path / "qa.jsonl", [("what is bgp", "a routing protocol")])
+    settings = {"model.compute": "float32", "train.batch_size": 4, "train.iters": 4,
+                "train.grad_checkpoint": "false", "train.learning_rate": "2.0e-2",
+                "train.warmup": 0, "train.eval_every": 0, "train.save_every": 0,
+                "lora.rank": RANK, "lora.targets": "experts"}  # fmt: skip
+    run = train_with_cli(model_dir, data, tmp_path / "run", settings)
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("expert_counts" in r for r in rows)
+    ids = mx.array([[5, 6, 7, 8, 9]])
+    adapted, _ = mlx_lm.load(str(model_dir), adapter_path=str(run))  # mlx-lm reads the adapters
+    result = CliRunner().invoke(cli, ["fuse", str(run), "--dtype", "f32"])
+    assert result.exit_code == 0, result.output
+    fused, _ = mlx_lm.load(str(run / "export" / "mlx"))
+    assert mx.allclose(fused(ids), adapted(ids), atol=1e-4)
+    result = CliRunner().invoke(cli, ["fuse", str(run), "--gguf", "--quant", "f16"])
+    assert result.exit_code == 0, result.output
+    (path,) = (run / "export").glob("*.gguf")
+    names = {t.name for t in gguf.GGUFReader(path).tensors}
+    assert {"blk.0.ffn_gate_exps.weight", "blk.1.ffn_down_exps.weight"} <= names

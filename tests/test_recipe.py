@@ -81,9 +81,11 @@ def test_bad_yaml_names_line(tmp_path):
     assert f"{f}:" in msg and "not valid YAML" in msg
 
 
-def test_unknown_recipe_lists_shipped():
-    msg = problems_of(lambda: load_recipe("no-such-recipe"))
-    assert "smollm2-135m-net" in msg
+def test_unknown_recipe_suggests_close_names():
+    msg = problems_of(lambda: load_recipe("smollm2-135m-nett"))
+    assert "did you mean smollm2-135m-net" in msg and "macft recipes" in msg
+    msg = problems_of(lambda: load_recipe("no-such-thing"))
+    assert "did you mean" not in msg and f"{len(shipped_recipes())} shipped recipes" in msg
 
 
 @pytest.mark.parametrize("name", sorted(shipped_recipes()))
