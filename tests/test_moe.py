@@ -200,3 +200,79 @@ def test_cli_trains_fuses_and_exports_an_moe_run(kind, tmp_path):
     (path,) = (run / "export").glob("*.gguf")
     names = {t.name for t in gguf.GGUFReader(path).tensors}
     assert {"blk.0.ffn_gate_exps.weight", "blk.1.ffn_down_exps.weight"} <= names
+
+
+def test_collapse_warns_and_names_the_busy_experts(tmp_path):
+    model = build("qwen3_moe")
+    info = apply_lora(model, rank=RANK, alpha=2 * RANK, targets="experts")
+    favour = mx.array([8.0, 6.0, 0.0, 0.0])  # every token routed to experts 0 and 1
+
+    class Biased(nn.Linear):
+        def __call__(self, x):
+            return super().__call__(x) * 0 + favour
+
+    for layer in model.model.layers:
+        layer.mlp.gate.__class__ = Biased
+    run = new_run(tmp_path)
+    seen = []
+    train(model, counting_examples(8), [], TrainConfig(iters=2, batch_size=4, report_every=1),
+          run, PAD, lora_info=info, on_report=seen.append)  # fmt: skip
+    warned = [r["expert_warning"] for r in seen if "expert_warning" in r]
+    assert len(warned) == 1  # once per layer, not every report
+    assert "experts 0, 1 took 100%" in warned[0] and "balanced: 50%" in warned[0]
+    assert seen[0]["expert_top_share"] == 1.0
+
+
+def router_grads(aux):
+    model = build("mixtral")
+    apply_lora(model, rank=RANK, alpha=2 * RANK, targets="experts", router=True)
+    for _, m in model.named_modules():
+        if hasattr(m, "lora_b"):
+            m.lora_b = mx.random.normal(m.lora_b.shape) * 0.3
+    from macft.moe_load import ExpertTracker
+
+    batch = make_batch(counting_examples(4, seed=6), PAD)
+    with ExpertTracker(model, PAD, aux) as tracker:
+        loss, grads = nn.value_and_grad(model, tracker.loss(batch_loss))(model, batch)
+    grads = dict(tree_flatten(grads))
+    return loss.item(), {k: np.array(v) for k, v in grads.items() if ".gate." in k}
+
+
+def test_aux_loss_changes_router_gradients_not_the_reported_loss():
+    loss0, g0 = router_grads(0.0)
+    loss1, g1 = router_grads(0.5)
+    assert loss1 == pytest.approx(loss0, rel=1e-6)  # the reported loss stays cross-entropy
+    assert g0.keys() == g1.keys() and g0
+    assert any(not np.allclose(g0[k], g1[k], atol=1e-6) for k in g0)
+
+
+def test_aux_loss_needs_a_trained_router():
+    from macft.errors import MacftError
+    from macft.moe_load import ExpertTracker
+
+    model = build("qwen3_moe")
+    apply_lora(model, rank=RANK, alpha=2 * RANK, targets="experts")
+    with pytest.raises(MacftError, match="lora.router: true"):
+        ExpertTracker(model, PAD, 0.01)
+
+
+def test_shared_expert_preset_trains_only_the_shared_expert():
+    from mlx_lm.models import qwen2_moe
+
+    cfg = {**COMMON, "model_type": "qwen2_moe", "intermediate_size": 128, "moe_intermediate_size": FF,
+           "shared_expert_intermediate_size": 48, "num_experts": E, "num_experts_per_tok": K}  # fmt: skip
+    mx.random.seed(0)
+    model = qwen2_moe.Model(qwen2_moe.ModelArgs.from_dict(cfg))
+    apply_lora(model, rank=RANK, alpha=2 * RANK, targets="shared-expert")
+    trainable = dict(tree_flatten(model.trainable_parameters()))
+    assert all(".shared_expert." in k for k in trainable)
+    assert sum(v.size for v in trainable.values()) == 2 * (
+        2 * lora_count(H, 48) + lora_count(48, H)
+    )
+
+
+def test_shared_expert_preset_on_a_model_without_one_is_refused():
+    from macft.errors import MacftError
+
+    with pytest.raises(MacftError, match="shared"):
+        apply_lora(build("qwen3_moe"), rank=RANK, alpha=2 * RANK, targets="shared-expert")
