@@ -276,3 +276,16 @@ def test_shared_expert_preset_on_a_model_without_one_is_refused():
 
     with pytest.raises(MacftError, match="shared"):
         apply_lora(build("qwen3_moe"), rank=RANK, alpha=2 * RANK, targets="shared-expert")
+
+
+def test_plan_keeps_every_expert_resident():
+    from dataclasses import replace
+
+    from macft import catalog
+    from macft import memory_plan as mp
+
+    shape = catalog.CATALOG["qwen3-30b-a3b"].shape
+    weights = mp.plan(shape, mp.Setup()).parts["weights"]
+    assert 15e9 < weights < 19e9  # 30.5B parameters at ~4.5 bits: all 128 experts
+    active_only = mp.plan(replace(shape, experts=shape.active), mp.Setup()).parts["weights"]
+    assert weights > 5 * active_only
