@@ -6,7 +6,7 @@
 
 SmolLM2-135M, LoRA rank 8 on all linears, wikisql batches of 4 in the trainer's order.
 Each option runs the same batches: forward + backward (the optimizer update is the same for
-all and left out). Prints non-padding input tokens/s, CPU seconds per step (steadier than wall time on a shared
+all and left out). Compiled options first see every batch once (one trace per shape). Prints non-padding input tokens/s, CPU seconds per step (steadier than wall time on a shared
 machine) and MLX's peak memory per option.
 """
 
@@ -19,6 +19,7 @@ import mlx.nn as nn
 
 from macft import backend
 from macft.batches import accumulate, batch_loss, batch_order
+from macft.compiled_step import CompiledStep
 from macft.data import load_data
 from macft.lean_ops import lean_training
 from macft.lora import apply_lora
@@ -27,24 +28,29 @@ from macft.qmatmul import float_matmuls
 from macft.trainer import grad_checkpointing
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikisql"
-# name -> (pack, loss_chunk, grad_checkpoint, dequantize per matmul, lean ops on a CPU)
+# name -> (pack, loss_chunk, grad_checkpoint, dequantize per matmul, lean ops on a CPU, compile)
 OPTIONS = {
-    "padded+full": (False, 0, False, False, False),  # what mlx_lm does (without its mx.compile)
-    "padded+chunk64": (False, 64, False, False, False),
-    "packed+full": (True, 0, False, False, False),
-    "packed+chunk256": (True, 256, False, False, False),
-    "packed+chunk64": (True, 64, False, False, False),
-    "packed+chunk64+lean": (True, 64, False, False, True),  # macft's default on a CPU
-    "packed+chunk64+ckpt": (True, 64, True, False, True),
-    "packed+chunk64+lean+floatmm": (True, 64, False, True, True),  # quantized base: the default
+    "padded+full": (False, 0, False, False, False, False),  # mlx_lm's work, without its compile
+    "padded+full+compiled": (False, 0, False, False, False, True),  # mlx_lm's work
+    "padded+chunk64": (False, 64, False, False, False, False),
+    "packed+full": (True, 0, False, False, False, False),
+    "packed+chunk256": (True, 256, False, False, False, False),
+    "packed+chunk64": (True, 64, False, False, False, False),
+    "packed+chunk64+lean": (True, 64, False, False, True, False),
+    "packed+chunk64+lean+compiled": (True, 64, False, False, True, True),  # default on a CPU
+    "packed+chunk64+ckpt": (True, 64, True, False, True, False),
+    "packed+chunk64+ckpt+compiled": (True, 64, True, False, True, True),
+    "packed+chunk64+lean+floatmm+compiled": (True, 64, False, True, True, True),  # 4-bit base
 }
 QUANTIZED = [
     "padded+full",
-    "packed+chunk64+lean",
+    "packed+chunk64+lean+compiled",
     "padded+full+floatmm",
     "packed+chunk64+lean+floatmm",
+    "packed+chunk64+lean+floatmm+compiled",
 ]
-OPTIONS["padded+full+floatmm"] = (False, 0, False, True, False)
+OPTIONS["padded+full+floatmm"] = (False, 0, False, True, False, False)
+OPTIONS["packed+chunk64+lean+floatmm"] = (True, 64, False, True, True, False)
 
 
 def main() -> None:
@@ -54,7 +60,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--only", help="comma-separated option names")
     a = p.parse_args()
-    names = a.only.split(",") if a.only else list(OPTIONS)[:-2]
+    names = a.only.split(",") if a.only else list(OPTIONS)[:-3]
     if a.compute == "quantized" and not a.only:
         names = QUANTIZED
     base = load_base("smollm2-135m", compute=a.compute)
@@ -72,17 +78,21 @@ def main() -> None:
     )
     print(f"{'option':24} {'tokens/s':>9} {'s/step':>7} {'CPU s/step':>10} {'MLX peak GB':>12}")
     for name in names:
-        pack, chunk, ckpt, fmm, lean = OPTIONS[name]
+        pack, chunk, ckpt, fmm, lean, compiled = OPTIONS[name]
         with (
             grad_checkpointing(model, ckpt),
             lean_training(model, lean, checkpointing=ckpt),
             float_matmuls(model, fmm),
         ):
-            accumulate(lg, model, batches[:1], pad, pack=pack, loss_chunk=chunk)  # warm up
+            step = CompiledStep(lg, model) if compiled else lg
+            # Warm up; a compiled step traces each new shape once (a trainer does it once per
+            # shape per run), so it sees all the timed shapes first.
+            warm = batches if compiled else batches[:1]
+            accumulate(step, model, warm, pad, pack=pack, loss_chunk=chunk)
             mx.clear_cache()
             backend.reset_peak_memory()
             t0, c0 = time.perf_counter(), time.process_time()
-            _, _, _, tokens = accumulate(lg, model, batches[1:], pad, pack=pack, loss_chunk=chunk)
+            _, _, _, tokens = accumulate(step, model, batches[1:], pad, pack=pack, loss_chunk=chunk)
             dt, cpu = time.perf_counter() - t0, time.process_time() - c0
         print(
             f"{name:24} {tokens / dt:9.0f} {dt / a.steps:7.2f} {cpu / a.steps:10.2f} "

@@ -2,6 +2,7 @@
 
 import os
 import platform
+import shutil
 import sys
 from pathlib import Path
 
@@ -14,6 +15,9 @@ OPENBLAS_CANDIDATES = (
     "/usr/lib/aarch64-linux-gnu/openblas-pthread/libblas.so.3",
 )
 NO_FAST_BLAS_ENV = "MACFT_NO_OPENBLAS"
+NO_NATIVE_KERNELS_ENV = "MACFT_NO_NATIVE_KERNELS"
+NATIVE_FLAGS = ("-mavx2", "-mfma", "-mf16c")  # what these CPU flags let the compiler use
+NATIVE_CPU_FLAGS = {"avx2", "fma", "f16c"}
 
 
 def metal_available() -> bool:
@@ -76,6 +80,62 @@ def reexec_with_fast_blas() -> None:
     os.execve(sys.executable, [sys.executable, "-m", "macft", *sys.argv[1:]], env)
 
 
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "macft"
+
+
+def native_kernels() -> bool:
+    """Whether MLX's CPU kernels are built for this CPU's AVX2 and FMA (see use_native_kernels)."""
+    folder = str(_cache_dir() / "native-gxx")
+    return folder in os.environ.get("PATH", "").split(os.pathsep)
+
+
+def use_native_kernels() -> bool:
+    """On an x86 CPU with AVX2 and FMA, have MLX build its compiled CPU kernels for them.
+
+    mx.compile writes C++ for each fused kernel and builds it with the `g++` on PATH, for
+    baseline x86-64: each exp calls libm's fma and little is vectorised. A `g++` first on PATH
+    that adds -mavx2 -mfma makes the compiled training step ~20% faster on a 2-core EPYC.
+    MLX keeps built kernels in its temp folder by name, so one built here would not run on a
+    CPU without AVX2 sharing that folder. Opt out with MACFT_NO_NATIVE_KERNELS=1.
+    """
+    if (
+        platform.system() != "Linux"
+        or platform.machine() != "x86_64"
+        or os.environ.get(NO_NATIVE_KERNELS_ENV)
+        or not NATIVE_CPU_FLAGS <= _cpu_flags()
+    ):
+        return False
+    folder = _cache_dir() / "native-gxx"
+    path = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p and p != str(folder)]
+    gxx = shutil.which("g++", path=os.pathsep.join(path))
+    if gxx is None:
+        return False  # MLX then runs the step's ops one by one, as without compile
+    script = folder / "g++"
+    text = f'#!/bin/sh\nexec "{gxx}" {" ".join(NATIVE_FLAGS)} "$@"\n'
+    try:
+        if not script.is_file() or script.read_text() != text:
+            folder.mkdir(parents=True, exist_ok=True)
+            temp = folder / f".g++.tmp-{os.getpid()}"
+            temp.write_text(text)
+            temp.chmod(0o755)
+            temp.replace(script)
+    except OSError:
+        return False
+    os.environ["PATH"] = os.pathsep.join([str(folder), *path])
+    return True
+
+
 def describe() -> str:
     if metal_available():
         return "Metal GPU"
@@ -84,4 +144,5 @@ def describe() -> str:
         if fast_blas_active()
         else "reference BLAS (apt-get install libopenblas0-pthread for ~70x faster matmuls)"
     )
-    return f"CPU, {blas}"
+    kernels = ", kernels for AVX2/FMA" if native_kernels() else ""
+    return f"CPU, {blas}{kernels}"

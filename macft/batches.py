@@ -84,6 +84,7 @@ class Batch:
     n_targets: int
     n_inputs: int
     cache: PackedCache | None = None  # packed rows: positions and the block-diagonal mask
+    weights: mx.array | None = None  # per index entry: 1, or 0 where index only pads a shape
 
 
 def make_batch(examples, pad_id: int, pack: bool = False, pad_to: int = 32) -> Batch:
@@ -121,7 +122,7 @@ def batch_loss(model, batch: Batch, loss_chunk: int = 0, grad: bool = True):
     h = model.model(batch.inputs, cache=caches)
     h = h.reshape(-1, h.shape[-1])[batch.index]
     targets = batch.targets.reshape(-1)[batch.index]
-    return (fused_ce_sum if grad else ce_sum)(head, h, targets, loss_chunk)
+    return (fused_ce_sum if grad else ce_sum)(head, h, targets, loss_chunk, batch.weights)
 
 
 def packing_context(model, pack: bool):

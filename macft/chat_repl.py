@@ -1,5 +1,6 @@
 """The chat command's loop: streamed answers, slash commands, one-shot prompts and piped stdin."""
 
+import signal
 import sys
 
 from rich.console import Console
@@ -132,6 +133,9 @@ def _input_prompt(console: Console) -> str:
 
 def repl(session: ChatSession, console: Console) -> None:
     console.print("[dim]type a message; /help for commands, /quit or Ctrl-D to leave[/]")
+    # A process started while its parent ignored SIGINT inherits that (C's system() ignores it
+    # while its command runs, e.g. while MLX builds a kernel): Ctrl-C would never stop an answer.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     # input() prints the prompt itself: with readline, only once the terminal is set up, so
     # keys typed before that are not lost.
     prompt = _input_prompt(console)

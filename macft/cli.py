@@ -283,4 +283,5 @@ def plan(model, data, recipe, sets, memory, fit, hosts, machines):
 
 def main():
     backend.reexec_with_fast_blas()
+    backend.use_native_kernels()
     cli(prog_name="macft")

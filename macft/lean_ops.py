@@ -13,6 +13,12 @@ from macft.patching import swapped_classes
 _MASKED = -1e30
 
 
+def after(primals, cotangents) -> list:
+    """The primals, computed on only once the cotangents exist: a VJP's recompute stays its own."""
+    deps = cotangents if isinstance(cotangents, (list, tuple)) else [cotangents]
+    return mx.depends(list(primals), list(deps))
+
+
 def _group(q, k, v):
     """Queries as (batch, kv heads, group, n, d); keys and values as (batch, kv heads, 1, m, d)."""
     b, hq, n, d = q.shape
@@ -42,7 +48,9 @@ def _attention(scale: float):
 
     @attend.vjp
     def attend_vjp(primals, cotangents, outputs):
-        q, k, v, mask = primals
+        # Tied to the cotangents: else mx.compile merges this recompute with the forward's
+        # and keeps the n x n scores alive until here, which is what this VJP avoids.
+        q, k, v, mask = after(primals, cotangents)
         o, lse = outputs
         qg, kg, vg = _group(q, k, v)
         do = cotangents[0].reshape(qg.shape)
@@ -89,7 +97,7 @@ def _rms_norm(eps: float):
 
     @norm.vjp
     def norm_vjp(primals, cotangent, output):
-        x, weight = primals
+        x, weight = after(primals, cotangent)
         xf = x.astype(mx.float32)
         r = mx.rsqrt(mx.mean(xf * xf, axis=-1, keepdims=True) + eps)
         n = xf * r

@@ -81,27 +81,33 @@ def head_fn(model) -> Head | None:
     return Head(*ops, cap=getattr(args, "final_logit_softcapping", None) or None)
 
 
-def _ce_chunk(head, h, targets):
+def _ce_chunk(head, h, targets, weights=None):
     """Sum of cross-entropy for one chunk of positions."""
     logits = head(h).astype(mx.float32)
     lse = mx.logsumexp(logits, axis=-1, keepdims=True)
     picked = mx.take_along_axis(logits, targets[:, None], axis=-1)
-    return (lse - picked).sum()
+    return ((lse - picked) if weights is None else (lse - picked) * weights[:, None]).sum()
 
 
-def ce_sum(head, h, targets, chunk: int) -> mx.array:
+def _part(weights, s: int, chunk: int):
+    return None if weights is None else weights[s : s + chunk]
+
+
+def ce_sum(head, h, targets, chunk: int, weights=None) -> mx.array:
     """Sum of cross-entropy of head(h) (n, V) against targets (n,), `chunk` rows at a time.
 
+    `weights` (n,), if given, scales each row's loss (0 for rows that only pad a shape).
     No gradient support needed (evaluation): each chunk's logits are dropped after use.
     """
     total = mx.array(0.0)
     for s in range(0, h.shape[0], chunk):
-        total = total + _ce_chunk(head, h[s : s + chunk], targets[s : s + chunk])
+        part = _part(weights, s, chunk)
+        total = total + _ce_chunk(head, h[s : s + chunk], targets[s : s + chunk], part)
         mx.eval(total)  # one chunk at a time, or MLX holds several chunks' logits at once
     return total
 
 
-def fused_ce_sum(head, h, targets, chunk: int) -> mx.array:
+def fused_ce_sum(head, h, targets, chunk: int, weights=None) -> mx.array:
     """ce_sum whose gradient w.r.t. h is computed in the forward pass, chunk by chunk.
 
     d loss / d logits = softmax - onehot is known as soon as the logits are, so each chunk's
@@ -110,10 +116,10 @@ def fused_ce_sum(head, h, targets, chunk: int) -> mx.array:
     """
 
     @mx.custom_function
-    def f(h, targets):
+    def f(h, targets, weights):
         total, grads = mx.array(0.0), []
         for s in range(0, h.shape[0], chunk):
-            hc, tc = h[s : s + chunk], targets[s : s + chunk]
+            hc, tc, wc = h[s : s + chunk], targets[s : s + chunk], weights[s : s + chunk, None]
             if grads:
                 # One chunk at a time: MLX would otherwise run every chunk side by side and
                 # hold all their logits.
@@ -126,20 +132,24 @@ def fused_ce_sum(head, h, targets, chunk: int) -> mx.array:
             # exp and the division each write over their input, so one n x V buffer serves.
             p = fast_math.shifted_exp(logits, top)
             norm = p.sum(axis=-1, keepdims=True)
-            loss = (top + mx.log(norm) - picked).sum()
-            p = p * (1 / norm)
+            loss = ((top + mx.log(norm) - picked) * wc).sum()
+            p = p * (wc / norm)
             if head.cap:  # d tanh(z / c) * c / dz = 1 - tanh^2
                 at = mx.take_along_axis(p, tc[:, None], axis=-1)
-                d = mx.put_along_axis(p, tc[:, None], at - 1, axis=-1)
+                d = mx.put_along_axis(p, tc[:, None], at - wc, axis=-1)
                 dh = head.bwd((d * (1 - (logits / head.cap) ** 2)).astype(hc.dtype))
             else:  # (softmax - onehot) @ W = softmax @ W - the target rows of W
-                dh = head.bwd(p.astype(hc.dtype)) - head.rows(tc).astype(hc.dtype)
+                dh = head.bwd(p.astype(hc.dtype)) - (head.rows(tc) * wc).astype(hc.dtype)
             grads.append(dh)
             total = total + loss
         return total, mx.concatenate(grads) if len(grads) > 1 else grads[0]
 
     @f.vjp
     def f_vjp(primals, cotangents, outputs):
-        return (cotangents[0] * outputs[1]).astype(primals[0].dtype), mx.zeros_like(primals[1])
+        h, targets, weights = primals
+        dh = (cotangents[0] * outputs[1]).astype(h.dtype)
+        return dh, mx.zeros_like(targets), mx.zeros_like(weights)
 
-    return f(h, targets)[0]
+    if weights is None:
+        weights = mx.ones(targets.shape, mx.float32)
+    return f(h, targets, weights)[0]

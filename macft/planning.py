@@ -124,7 +124,14 @@ def setup_for(recipe: dict, seq_len: int, compute: str, act_bytes: int, scale_by
         scale_bytes=scale_bytes,
         # The trainer's chunked loss (TrainConfig.loss_chunk), when this version has one.
         loss_chunk=int(getattr(cfg, "loss_chunk", 0) or 0),
+        compiled=bool(getattr(cfg, "compile", False)),
     )
+
+
+def _for_machine(setup: mp.Setup, shape: mp.Shape, machines: int, on_mac: bool) -> mp.Setup:
+    # The trainer compiles no MoE step (macft.trainer.uses_compile) and uses lean ops on a CPU.
+    compiled = setup.compiled and not shape.experts
+    return replace(setup, machines=machines, lean=not on_mac, compiled=compiled)
 
 
 def mac_compute(recipe: dict, on_mac: bool, shape: mp.Shape, usable: int):
@@ -142,8 +149,7 @@ def make_plan(
 ) -> mp.Plan:
     compute, (act, scale) = mac_compute(recipe, on_mac, shape, usable)
     setup = setup_for(recipe, seq_len, compute, act, scale)
-    setup = replace(setup, machines=machines, lean=not on_mac)
-    return mp.plan(shape, setup, usable)
+    return mp.plan(shape, _for_machine(setup, shape, machines, on_mac), usable)
 
 
 def longest(lengths: list[int], max_seq_length: int) -> int:
@@ -214,7 +220,7 @@ def check_before_training(
     compute = source.get("compute", "quantized")
     act = 4 if compute == "float32" or (compute == "quantized" and not on_mac) else 2
     setup = setup_for(recipe, seq, compute, act, 4 if not on_mac else 2)
-    plan = mp.plan(shape, replace(setup, machines=machines, lean=not on_mac), usable)
+    plan = mp.plan(shape, _for_machine(setup, shape, machines, on_mac), usable)
     console.print(plan.summary())
     if plan.fits:
         return plan

@@ -78,6 +78,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "loss_chunk": Key(
             64, "int", lo=0, help="LM head + loss on target positions only, N at a time; 0 = off"
         ),
+        "compile": Key(True, "bool", help="one compiled graph per batch shape (faster)"),
         "moe_aux_loss": Key(
             0.0, "float", lo=0.0, hi=1.0, help="MoE load-balancing loss weight; 0 = off"
         ),

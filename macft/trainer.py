@@ -20,6 +20,7 @@ from macft.batches import (
     can_pack,
     evaluate,
 )
+from macft.compiled_step import CompiledStep
 from macft.distributed import SOLO, PeerLost
 from macft.errors import DataError, RunError
 from macft.lean_ops import lean_training
@@ -52,6 +53,7 @@ class TrainConfig:
     pack: bool = True  # several examples per row (block-diagonal mask, positions from 0)
     loss_chunk: int = 64  # LM head + loss on target positions only, this many at a time; 0 = off
     moe_aux_loss: float = 0.0  # MoE load-balancing loss weight (needs a trained router); 0 = off
+    compile: bool = True  # one compiled graph per batch shape (not for MoE: see uses_compile)
 
 
 @dataclass
@@ -205,6 +207,8 @@ def train(
         try:
             ckpt = cfg.grad_checkpoint
             with grad_checkpointing(model, ckpt), lean_training(model, checkpointing=ckpt), experts:
+                # built inside the patches above: they are traced into its graph
+                step_fn = CompiledStep(loss_and_grad, model) if uses_compile(cfg, experts) else None
                 while st["step"] < total:
                     step = st["step"] + 1
                     t0 = time.perf_counter()
@@ -218,7 +222,7 @@ def train(
                         idx, epoch, index = next_batch(epoch, index)
                         batches.append([train_set[i] for i in world.shard(idx)])
                     loss, grads, n_targets, n_inputs = accumulate(
-                        loss_and_grad, model, batches, pad_id, seeds, **fast
+                        step_fn or loss_and_grad, model, batches, pad_id, seeds, **fast
                     )
                     loss, grads, n_targets, n_inputs = world.sum_step(
                         loss, grads, n_targets, n_inputs, model.trainable_parameters(), step
@@ -294,6 +298,11 @@ def train(
     result.best_val_loss, result.best_step = st["best_val_loss"], st["best_step"]
     result.val_loss = st["val_loss"]
     return result
+
+
+def uses_compile(cfg: TrainConfig, experts: ExpertTracker) -> bool:
+    """MoE models train uncompiled: the expert counts are read out of the forward pass."""
+    return cfg.compile and not experts.blocks
 
 
 def _or_failed(run, st: dict, save) -> None:

@@ -78,7 +78,7 @@ def measure(config, batch, width, rank, ckpt, extra, tmp_path):
     setup = mp.Setup(batch_size=batch, seq_len=width, rank=rank, grad_checkpoint=ckpt,
                      grad_accumulation=1, compute="float32", act_bytes=4, scale_bytes=4,
                      loss_chunk=getattr(cfg, "loss_chunk", 0),
-                     lean=not backend.metal_available())  # fmt: skip
+                     lean=not backend.metal_available(), compiled=cfg.compile)  # fmt: skip
     return measured, mp.plan(mp.Shape.from_config(config), setup)
 
 
