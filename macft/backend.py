@@ -4,6 +4,7 @@ import os
 import platform
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import mlx.core as mx
@@ -94,6 +95,9 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "macft"
 
 
+_NATIVE_TEMP = f"macft-native-{os.getuid()}"
+
+
 def native_kernels() -> bool:
     """Whether MLX's CPU kernels are built for this CPU's AVX2 and FMA (see use_native_kernels)."""
     folder = str(_cache_dir() / "native-gxx")
@@ -106,8 +110,9 @@ def use_native_kernels() -> bool:
     mx.compile writes C++ for each fused kernel and builds it with the `g++` on PATH, for
     baseline x86-64: each exp calls libm's fma and little is vectorised. A `g++` first on PATH
     that adds -mavx2 -mfma makes the compiled training step ~20% faster on a 2-core EPYC.
-    MLX keeps built kernels in its temp folder by name, so one built here would not run on a
-    CPU without AVX2 sharing that folder. Opt out with MACFT_NO_NATIVE_KERNELS=1.
+    MLX keeps built kernels by name in $TMPDIR/mlx and never rebuilds one it finds there, so
+    these get a temp folder of their own: a kernel built without the flags is never reused.
+    Opt out with MACFT_NO_NATIVE_KERNELS=1.
     """
     if (
         platform.system() != "Linux"
@@ -121,19 +126,27 @@ def use_native_kernels() -> bool:
     gxx = shutil.which("g++", path=os.pathsep.join(path))
     if gxx is None:
         return False  # MLX then runs the step's ops one by one, as without compile
-    script = folder / "g++"
-    text = f'#!/bin/sh\nexec "{gxx}" {" ".join(NATIVE_FLAGS)} "$@"\n'
+    temp = Path(tempfile.gettempdir())
+    kernels = temp if temp.name == _NATIVE_TEMP else temp / _NATIVE_TEMP
     try:
-        if not script.is_file() or script.read_text() != text:
-            folder.mkdir(parents=True, exist_ok=True)
-            temp = folder / f".g++.tmp-{os.getpid()}"
-            temp.write_text(text)
-            temp.chmod(0o755)
-            temp.replace(script)
+        _write_script(folder / "g++", f'#!/bin/sh\nexec "{gxx}" {" ".join(NATIVE_FLAGS)} "$@"\n')
+        kernels.mkdir(mode=0o700, exist_ok=True)
     except OSError:
         return False
+    os.environ["TMPDIR"] = str(kernels)
+    tempfile.tempdir = None  # Python's own temp files follow
     os.environ["PATH"] = os.pathsep.join([str(folder), *path])
     return True
+
+
+def _write_script(path: Path, text: str) -> None:
+    if path.is_file() and path.read_text() == text:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temp.write_text(text)
+    temp.chmod(0o755)
+    temp.replace(path)
 
 
 def describe() -> str:

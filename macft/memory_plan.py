@@ -17,8 +17,8 @@ ROUTER_KEYS = ("router", "shared_gate")
 OVERHEAD_BYTES = int(0.6 * GB)
 # The compiled step (train.compile) keeps more at its peak: its fused kernels write to new
 # buffers where the eager ops overwrite their input. Measured on a CPU over hidden sizes
-# 64-576, 128-1024 tokens and 2-30 layers: +6-25% of the activations with checkpointing,
-# +19-27% without (tests/test_memory_plan.py holds the plan to the measured peak).
+# 64-576, 64-1024 tokens and 2-30 layers: +2-25% of the planned activations, the most on the
+# tiniest models (tests/test_memory_plan.py holds the plan to the measured peak).
 COMPILED_EXTRA = {True: 0.15, False: 0.25}  # by grad_checkpoint
 
 

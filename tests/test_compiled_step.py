@@ -1,11 +1,19 @@
 """The compiled training step gives the eager step's loss and gradients, and sees every change."""
 
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
 from test_packing import flat, trained_lora
 from test_trainer import PAD, counting_examples, lora_model, new_run
 
+from macft import backend
 from macft.batches import batch_loss, make_batch, packing_context
 from macft.compiled_step import CompiledStep, pad_index
 from macft.lean_ops import lean_training
@@ -134,3 +142,51 @@ def test_moe_models_train_uncompiled():
     assert uses_compile(cfg, ExpertTracker(dense, PAD))
     assert not uses_compile(cfg, ExpertTracker(moe, PAD))
     assert not uses_compile(TrainConfig(compile=False), ExpertTracker(dense, PAD))
+
+
+needs_gxx = pytest.mark.skipif(
+    platform.machine() != "x86_64" or shutil.which("g++") is None, reason="x86-64 with g++ only"
+)
+
+
+@pytest.fixture
+def native_env(monkeypatch, tmp_path):
+    """A CPU that reports AVX2/FMA, and a home and temp folder of the test's own."""
+    monkeypatch.setattr(backend, "_cpu_flags", lambda: set(backend.NATIVE_CPU_FLAGS) | {"sse2"})
+    monkeypatch.setattr(backend.platform, "system", lambda: "Linux")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("PATH", os.environ["PATH"])
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.delenv(backend.NO_NATIVE_KERNELS_ENV, raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    return tmp_path
+
+
+@needs_gxx
+def test_native_kernels_build_for_avx2_in_their_own_temp_folder(native_env):
+    assert not backend.native_kernels()
+    assert backend.use_native_kernels() and backend.use_native_kernels()  # twice: no nesting
+    folders = os.environ["PATH"].split(os.pathsep)
+    wrapper = shutil.which("g++")
+    assert Path(wrapper).parent == native_env / "cache" / "macft" / "native-gxx"
+    assert folders.count(folders[0]) == 1
+    # the g++ MLX finds defines what -mavx2 -mfma turn on
+    macros = subprocess.run([wrapper, "-dM", "-E", "-x", "c++", "/dev/null"], text=True,
+                            capture_output=True, check=True).stdout  # fmt: skip
+    assert "__AVX2__" in macros and "__FMA__" in macros
+    # MLX's kernel cache ($TMPDIR/mlx) is not the one baseline-built kernels went to
+    assert Path(os.environ["TMPDIR"]) == native_env / f"macft-native-{os.getuid()}"
+    assert tempfile.gettempdir() == os.environ["TMPDIR"]
+    assert backend.native_kernels() and "AVX2/FMA" in backend.describe()
+
+
+@needs_gxx
+def test_native_kernels_opt_out_and_plain_cpus(native_env, monkeypatch):
+    path = os.environ["PATH"]
+    monkeypatch.setenv(backend.NO_NATIVE_KERNELS_ENV, "1")
+    assert not backend.use_native_kernels()
+    monkeypatch.delenv(backend.NO_NATIVE_KERNELS_ENV)
+    monkeypatch.setattr(backend, "_cpu_flags", lambda: {"sse2", "avx"})
+    assert not backend.use_native_kernels()
+    assert os.environ["PATH"] == path and os.environ["TMPDIR"] == str(native_env)
+    assert "AVX2/FMA" not in backend.describe()
