@@ -6,7 +6,8 @@
 
 SmolLM2-135M, LoRA rank 8 on all linears, wikisql batches of 4 in the trainer's order.
 Each option runs the same batches: forward + backward (the optimizer update is the same for
-all and left out). Compiled options first see every batch once (one trace per shape). Prints non-padding input tokens/s, CPU seconds per step (steadier than wall time on a shared
+all and left out). Compiled options first see every batch once (one trace per shape).
+Prints non-padding input tokens/s, CPU seconds per step (steadier than wall time on a shared
 machine) and MLX's peak memory per option.
 """
 

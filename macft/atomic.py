@@ -58,12 +58,14 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same folder, fsync, then rename over `path`."""
+def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None:
+    """Write to a temp file in the same folder, fsync, then rename over `path` (with `mode`)."""
     path = Path(path)
 
     def write(tmp: Path) -> None:
         tmp.write_bytes(data)
+        if mode is not None:
+            tmp.chmod(mode)
         _fsync_file(tmp)
 
     _write_then_rename(path, _tmp_name(path), write)

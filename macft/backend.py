@@ -9,6 +9,8 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from macft.atomic import atomic_write_bytes
+
 # Debian/Ubuntu OpenBLAS. MLX's CPU wheel ships a reference BLAS (about 3 GFLOP/s here);
 # preloading OpenBLAS makes the same float32 matmul about 70x faster.
 OPENBLAS_CANDIDATES = (
@@ -128,8 +130,11 @@ def use_native_kernels() -> bool:
         return False  # MLX then runs the step's ops one by one, as without compile
     temp = Path(tempfile.gettempdir())
     kernels = temp if temp.name == _NATIVE_TEMP else temp / _NATIVE_TEMP
+    script, text = folder / "g++", f'#!/bin/sh\nexec "{gxx}" {" ".join(NATIVE_FLAGS)} "$@"\n'
     try:
-        _write_script(folder / "g++", f'#!/bin/sh\nexec "{gxx}" {" ".join(NATIVE_FLAGS)} "$@"\n')
+        if not (script.is_file() and script.read_text() == text):
+            folder.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(script, text.encode(), mode=0o755)
         kernels.mkdir(mode=0o700, exist_ok=True)
     except OSError:
         return False
@@ -137,16 +142,6 @@ def use_native_kernels() -> bool:
     tempfile.tempdir = None  # Python's own temp files follow
     os.environ["PATH"] = os.pathsep.join([str(folder), *path])
     return True
-
-
-def _write_script(path: Path, text: str) -> None:
-    if path.is_file() and path.read_text() == text:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temp.write_text(text)
-    temp.chmod(0o755)
-    temp.replace(path)
 
 
 def describe() -> str:

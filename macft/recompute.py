@@ -16,7 +16,7 @@ _KEYS: dict[int, mx.array] = {}
 def _keyed_class(cls):
     def __call__(self, x):
         key = _KEYS.get(id(self))
-        if key is None or self._p_1 == 1 or not self.training:
+        if key is None or not self.training:
             return cls.__call__(self, x)
         mask = mx.random.bernoulli(self._p_1, x.shape, key=key)
         return (mask * x) * (1 / self._p_1)

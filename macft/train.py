@@ -11,12 +11,11 @@ from macft.data import load_data
 from macft.errors import DataError, RecipeError
 from macft.lora import apply_lora
 from macft.models import load_base
-from macft.moe import is_moe
 from macft.progress import TrainProgress
 from macft.recipe import dump, load_recipe
 from macft.run_dir import RunDir
 from macft.schedule import total_steps
-from macft.trainer import TrainConfig, train
+from macft.trainer import TrainConfig, train, uses_compile
 
 PACKAGE_DIR = Path(__file__).parent
 
@@ -71,7 +70,7 @@ def describe_speed(cfg: TrainConfig, base) -> str:
     if cfg.loss_chunk:
         loss = f"loss on target positions, {cfg.loss_chunk} at a time"
     parts = [rows, loss]
-    if cfg.compile and not is_moe(base.model):
+    if uses_compile(cfg, base.model):
         parts.append("one compiled step per batch shape (train.compile)")
     if not backend.metal_available():
         if base.source["compute"] == "quantized":

@@ -25,6 +25,7 @@ from macft.distributed import SOLO, PeerLost
 from macft.errors import DataError, RunError
 from macft.lean_ops import lean_training
 from macft.lora import adapter_weights, load_adapter_weights
+from macft.moe import is_moe
 from macft.moe_load import ExpertTracker
 from macft.qmatmul import float_matmuls
 from macft.recompute import grad_checkpointing
@@ -208,7 +209,7 @@ def train(
             ckpt = cfg.grad_checkpoint
             with grad_checkpointing(model, ckpt), lean_training(model, checkpointing=ckpt), experts:
                 # built inside the patches above: they are traced into its graph
-                step_fn = CompiledStep(loss_and_grad, model) if uses_compile(cfg, experts) else None
+                step_fn = CompiledStep(loss_and_grad, model) if uses_compile(cfg, model) else None
                 while st["step"] < total:
                     step = st["step"] + 1
                     t0 = time.perf_counter()
@@ -300,9 +301,9 @@ def train(
     return result
 
 
-def uses_compile(cfg: TrainConfig, experts: ExpertTracker) -> bool:
+def uses_compile(cfg: TrainConfig, model) -> bool:
     """MoE models train uncompiled: the expert counts are read out of the forward pass."""
-    return cfg.compile and not experts.blocks
+    return cfg.compile and not is_moe(model)
 
 
 def _or_failed(run, st: dict, save) -> None:
