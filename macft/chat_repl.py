@@ -7,8 +7,9 @@ from rich.console import Console
 from rich.markup import escape
 
 from macft import backend
-from macft.chat import ChatSession, load_chat_model
+from macft.chat import ChatSession
 from macft.errors import MacftError
+from macft.run_model import load_chat_model
 
 HELP = """\
 [bold]/reset[/]            start a new conversation (the system prompt stays)

@@ -12,11 +12,12 @@ from rich.table import Table
 
 from macft import backend
 from macft.batches import evaluate
-from macft.chat import load_chat_model, lora_disabled
+from macft.chat import lora_disabled
 from macft.errors import MacftError, RunError
 from macft.eval_data import general_examples, load_eval_data, loss_examples, make_cases
 from macft.eval_data import target_tokens as count_targets
 from macft.run_dir import RunDir, atomic_write_json, atomic_write_text
+from macft.run_model import load_chat_model
 from macft.scoring import SCORERS, forgetting, overfitting, perplexity
 
 METRICS = ("loss", *SCORERS)

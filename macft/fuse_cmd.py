@@ -7,7 +7,6 @@ import mlx.core as mx
 from rich.console import Console
 
 from macft import ollama
-from macft.chat import load_chat_model
 from macft.errors import ExportError, ModelError, RunError
 from macft.export_writers import (
     Steps,
@@ -30,6 +29,7 @@ from macft.fuse import (
 )
 from macft.models import Base, load_base, resolve_model_path
 from macft.run_dir import RunDir
+from macft.run_model import load_chat_model
 from macft.staging import Staging, check_free_space
 
 GGUF_QUANTS = ("f16", "bf16", "q8_0", "q4_0", "q4_k_m")

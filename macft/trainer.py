@@ -30,6 +30,7 @@ from macft.moe_load import ExpertTracker
 from macft.qmatmul import float_matmuls
 from macft.recompute import grad_checkpointing
 from macft.schedule import lr_at, micro_seed, total_steps
+from macft.train_state import best_of, fresh_state, record_val, report_record, should_stop
 
 
 @dataclass
@@ -94,25 +95,6 @@ def _restore_optimizer(optimizer, flat: dict) -> None:
     optimizer.state = tree_map_with_path(lambda path, _: flat[path], optimizer.state)
 
 
-def _fresh_state() -> dict:
-    return {
-        "step": 0,
-        "epoch": 0,
-        "index": 0,  # next micro-batch in this epoch's batch order
-        "best_val_loss": None,
-        "best_step": None,
-        "evals_since_best": 0,
-        "val_loss": None,
-        "trained_tokens": 0,
-        "elapsed_s": 0.0,
-        # since the last report, kept in checkpoints so reports after a resume match
-        "pending_loss": 0.0,
-        "pending_targets": 0,
-        "pending_tokens": 0,
-        "pending_time": 0.0,
-    }
-
-
 def train(
     model,
     train_set,
@@ -157,7 +139,7 @@ def train(
     pack = cfg.pack and can_pack(model)
     fast = {"pack": pack, "loss_chunk": cfg.loss_chunk}
     ev = {**fast, "shard": (world.rank, world.size), "reduce": world.sum_eval}
-    st = _fresh_state()
+    st = fresh_state()
     result = TrainResult("finished", 0, total)
 
     def checkpoint() -> None:
@@ -198,7 +180,7 @@ def train(
         ):
             # The untrained model's validation loss: the figure every later one is judged by.
             val = evaluate(model, valid_set, bs, pad_id, cfg.eval_batches, **ev)
-            report = _report(st, 0.0, total, per_epoch, val, final=False)
+            report = report_record(st, 0.0, total, per_epoch, val, final=False)
             run.append_metrics(report)
             if on_report is not None:
                 on_report(report)
@@ -253,19 +235,13 @@ def train(
                         val = evaluate(model, valid_set, bs, pad_id, cfg.eval_batches, **ev)
                     stop = False
                     if val is not None:
-                        st["val_loss"] = val
-                        if st["best_val_loss"] is None or val < st["best_val_loss"]:
-                            st.update(best_val_loss=val, best_step=step, evals_since_best=0)
+                        if record_val(st, val):
                             info = {"step": step, "val_loss": val}
                             run.save_best(adapter_weights(model), config, info)
-                        else:
-                            st["evals_since_best"] += 1
-                        stop = bool(cfg.early_stopping) and (
-                            st["evals_since_best"] >= cfg.early_stopping
-                        )
+                        stop = should_stop(st, cfg.early_stopping)
                     st["elapsed_s"] = elapsed0 + time.perf_counter() - session_start
                     if last or stop or val is not None or step % cfg.report_every == 0:
-                        report = _report(st, lr, total, per_epoch, val, final=last or stop)
+                        report = report_record(st, lr, total, per_epoch, val, final=last or stop)
                         report.update(experts.report())
                         if stop:
                             report["stopped_early"] = True
@@ -280,7 +256,7 @@ def train(
                         run.update_state(status="running", step=step)
         except KeyboardInterrupt:
             _or_failed(run, st, checkpoint)
-            run.update_state(status="interrupted", step=st["step"], **_best(st))
+            run.update_state(status="interrupted", step=st["step"], **best_of(st))
             result.status = "interrupted"
         except BaseException as e:
             if isinstance(e, PeerLost) and st["step"]:  # the model holds the last whole step
@@ -291,7 +267,10 @@ def train(
             _or_failed(run, st, checkpoint)
             _or_failed(run, st, lambda: run.write_adapters(adapter_weights(model), config))
             run.update_state(
-                status="finished", step=st["step"], stopped_early=result.stopped_early, **_best(st)
+                status="finished",
+                step=st["step"],
+                stopped_early=result.stopped_early,
+                **best_of(st),
             )
         finally:
             model.train(was_training)
@@ -313,29 +292,3 @@ def _or_failed(run, st: dict, save) -> None:
     except RunError as e:
         run.update_state(status="failed", step=st["step"], error=str(e))
         raise
-
-
-def _best(st: dict) -> dict:
-    return {"best_val_loss": st["best_val_loss"], "best_step": st["best_step"]}
-
-
-def _report(st: dict, lr: float, total: int, per_epoch: int, val, final: bool) -> dict:
-    """The metrics record for on_report and metrics.jsonl; resets the since-last-report sums."""
-    report = {
-        "step": st["step"],
-        "total_steps": total,
-        "epoch": round(st["epoch"] + st["index"] / per_epoch, 4),
-        "train_loss": st["pending_loss"] / st["pending_targets"] if st["pending_targets"] else None,
-        "learning_rate": lr,
-        "tokens_per_s": st["pending_tokens"] / st["pending_time"] if st["pending_time"] else 0.0,
-        "trained_tokens": st["trained_tokens"],
-        "peak_memory_gb": backend.peak_memory_gb(),
-        "elapsed_s": round(st["elapsed_s"], 3),
-    }
-    if val is not None:
-        report["val_loss"] = val
-        report["best_val_loss"] = st["best_val_loss"]
-    if final:
-        report["final"] = True
-    st.update(pending_loss=0.0, pending_targets=0, pending_tokens=0, pending_time=0.0)
-    return report

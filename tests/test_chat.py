@@ -14,9 +14,10 @@ import yaml
 from click.testing import CliRunner
 from conftest import build_tiny_model, save_tiny_model_dir, train_with_cli, write_qa_chat
 
-from macft.chat import ChatModel, ChatSession, lora_disabled
+from macft.chat import ChatSession, lora_disabled
 from macft.cli import cli
 from macft.lora import LoRALinear, apply_lora
+from macft.run_model import ChatModel
 
 QA = [
     ("show bgp summary in junos?", "show bgp summary"),

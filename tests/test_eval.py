@@ -16,12 +16,12 @@ from mlx_lm.sample_utils import make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from macft.batches import evaluate
-from macft.chat import load_chat_model
 from macft.cli import cli
 from macft.data import Example
 from macft.errors import DataError
 from macft.eval_data import GENERAL_TEXT, load_eval_data, loss_examples, make_case, make_cases
 from macft.models import load_base
+from macft.run_model import load_chat_model
 from macft.scoring import (
     contains,
     exact_match,

@@ -24,10 +24,10 @@ from mlx.utils import tree_flatten
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from macft import ollama, staging
-from macft.chat import load_chat_model
 from macft.cli import cli
 from macft.fuse import fuse_model, lora_layers, merged_weight
 from macft.lora import LoRALinear, apply_lora
+from macft.run_model import load_chat_model
 
 QA = [
     ("show bgp summary in junos?", "show bgp summary"),
