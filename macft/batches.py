@@ -133,12 +133,15 @@ def can_pack(model) -> bool:
     return packing_supported(model)
 
 
-def accumulate(loss_and_grad, model, batches, pad_id: int, seeds=None, pack=False, loss_chunk=0):
+def accumulate(
+    loss_and_grad, model, batches, pad_id: int, seeds=None, pack=False, loss_chunk=0, streams=None
+):
     """(loss sum, gradient sums, target tokens, input tokens) over micro-batches.
 
     `loss_and_grad` is nn.value_and_grad(model, batch_loss). Dividing both sums by the target
     tokens afterwards weighs every token equally, so 4 micro-batches of 1 give the same update
-    as 1 batch of 4, packed or not.
+    as 1 batch of 4, packed or not. With `streams` (CPU streams, see backend.cpu_streams) each
+    micro-batch is split into that many parts, each computed on its own stream, at once.
     """
     grads, loss, n_targets, n_inputs = None, mx.array(0.0), 0, 0
     with packing_context(model, pack):
@@ -147,16 +150,18 @@ def accumulate(loss_and_grad, model, batches, pad_id: int, seeds=None, pack=Fals
                 continue
             if seeds is not None:
                 mx.random.seed(seeds[i])
-            batch = make_batch(examples, pad_id, pack)
-            if not batch.n_targets:
+            k = len(streams) if streams and len(examples) >= len(streams) else 1
+            for j in range(k):
+                batch = make_batch(examples[j::k], pad_id, pack)
                 n_inputs += batch.n_inputs
-                continue
-            mb_loss, mb_grads = loss_and_grad(model, batch, loss_chunk)
-            grads = mb_grads if grads is None else tree_map(mx.add, grads, mb_grads)
-            loss = loss + mb_loss
+                if not batch.n_targets:
+                    continue
+                with mx.stream(streams[j]) if k > 1 else contextlib.nullcontext():
+                    mb_loss, mb_grads = loss_and_grad(model, batch, loss_chunk)
+                grads = mb_grads if grads is None else tree_map(mx.add, grads, mb_grads)
+                loss = loss + mb_loss
+                n_targets += batch.n_targets
             mx.eval(loss, grads)  # keep the graph one micro-batch deep
-            n_targets += batch.n_targets
-            n_inputs += batch.n_inputs
     return loss, grads, n_targets, n_inputs
 
 

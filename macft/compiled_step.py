@@ -75,7 +75,9 @@ class CompiledStep:
             batch = pad_index(batch)
         arrays = _arrays(batch)
         key = (tuple(arrays), loss_chunk)
-        if key not in self.functions:
-            self.functions[key] = self._function(*key)
-        self.shapes.add((key, tuple(a.shape for a in arrays.values())))
-        return self.functions[key](*arrays.values())
+        # a trace keeps the stream it was made on: one per stream (backend.cpu_streams)
+        stream = repr(mx.default_stream(mx.default_device()))
+        if (key, stream) not in self.functions:
+            self.functions[key, stream] = self._function(*key)
+        self.shapes.add((key, stream, tuple(a.shape for a in arrays.values())))
+        return self.functions[key, stream](*arrays.values())

@@ -15,6 +15,7 @@ from macft.progress import TrainProgress
 from macft.recipe import dump, load_recipe
 from macft.run_dir import RunDir
 from macft.schedule import total_steps
+from macft.train_state import stream_count
 from macft.trainer import TrainConfig, train, uses_compile
 
 PACKAGE_DIR = Path(__file__).parent
@@ -77,6 +78,8 @@ def describe_speed(cfg: TrainConfig, base) -> str:
             parts.append("quantized weights dequantized per matmul for the CPU's BLAS")
         else:
             parts.append("float base on CPU (model.compute=quantized keeps 4-bit)")
+        if (n := stream_count(cfg, quantized=base.source["compute"] == "quantized")) > 1:
+            parts.append(f"each batch split over {n} CPU streams (MACFT_NO_CPU_STREAMS=1: one)")
     return "; ".join(parts)
 
 
@@ -128,6 +131,8 @@ def run_train(
     if picked:
         console.print(f"recipe: {picked} (picked for {planning.usable_gb()} usable memory)")
     backend.set_wired_limit()
+    if stream_count(cfg, world.size, quantized=recipe["model"]["compute"] == "quantized") > 1:
+        backend.plan_cpu_streams()  # before the first evaluation (the model's load)
     m = recipe["model"]
     with console.status(f"loading {m['path']} ..."):
         base = load_base(

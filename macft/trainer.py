@@ -30,7 +30,14 @@ from macft.moe_load import ExpertTracker
 from macft.qmatmul import float_matmuls
 from macft.recompute import grad_checkpointing
 from macft.schedule import lr_at, micro_seed, total_steps
-from macft.train_state import best_of, fresh_state, record_val, report_record, should_stop
+from macft.train_state import (
+    best_of,
+    fresh_state,
+    record_val,
+    report_record,
+    should_stop,
+    stream_count,
+)
 
 
 @dataclass
@@ -192,6 +199,9 @@ def train(
             with grad_checkpointing(model, ckpt), lean_training(model, checkpointing=ckpt), experts:
                 # built inside the patches above: they are traced into its graph
                 step_fn = CompiledStep(loss_and_grad, model) if uses_compile(cfg, model) else None
+                quantized = any(isinstance(m, nn.QuantizedLinear) for m in model.modules())
+                n = stream_count(cfg, world.size, quantized)
+                streams = [mx.new_stream(mx.cpu) for _ in range(n)] if n > 1 else None
                 while st["step"] < total:
                     step = st["step"] + 1
                     t0 = time.perf_counter()
@@ -204,9 +214,11 @@ def train(
                     for _ in range(cfg.grad_accumulation):
                         idx, epoch, index = next_batch(epoch, index)
                         batches.append([train_set[i] for i in world.shard(idx)])
-                    loss, grads, n_targets, n_inputs = accumulate(
-                        step_fn or loss_and_grad, model, batches, pad_id, seeds, **fast
-                    )
+                    with backend.blas_threads(1 if streams else None):  # a core per stream
+                        loss, grads, n_targets, n_inputs = accumulate(
+                            step_fn or loss_and_grad, model, batches, pad_id, seeds, **fast,
+                            streams=streams,
+                        )  # fmt: skip
                     loss, grads, n_targets, n_inputs = world.sum_step(
                         loss, grads, n_targets, n_inputs, model.trainable_parameters(), step
                     )
