@@ -29,7 +29,8 @@ from macft.qmatmul import float_matmuls
 from macft.trainer import grad_checkpointing
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikisql"
-# name -> (pack, loss_chunk, grad_checkpoint, dequantize per matmul, lean ops on a CPU, compile)
+# name -> (pack, loss_chunk, grad_checkpoint, dequantize per matmul, lean ops on a CPU, compile);
+# a name ending in +streams also splits each batch over one CPU stream per core.
 OPTIONS = {
     "padded+full": (False, 0, False, False, False, False),  # mlx_lm's work, without its compile
     "padded+full+compiled": (False, 0, False, False, False, True),  # mlx_lm's work
@@ -38,7 +39,8 @@ OPTIONS = {
     "packed+chunk256": (True, 256, False, False, False, False),
     "packed+chunk64": (True, 64, False, False, False, False),
     "packed+chunk64+lean": (True, 64, False, False, True, False),
-    "packed+chunk64+lean+compiled": (True, 64, False, False, True, True),  # default on a CPU
+    "packed+chunk64+lean+compiled": (True, 64, False, False, True, True),
+    "packed+chunk64+lean+compiled+streams": (True, 64, False, False, True, True),  # CPU default
     "packed+chunk64+ckpt": (True, 64, True, False, True, False),
     "packed+chunk64+ckpt+compiled": (True, 64, True, False, True, True),
     "packed+chunk64+lean+floatmm+compiled": (True, 64, False, True, True, True),  # 4-bit base
@@ -65,6 +67,9 @@ def main() -> None:
     names = a.only.split(",") if a.only else list(OPTIONS)[:-3]
     if a.compute == "quantized" and not a.only:
         names = QUANTIZED
+    n_streams = backend.cpu_streams(a.batch)
+    if n_streams > 1 and any(n.endswith("+streams") for n in names):
+        backend.plan_cpu_streams()  # as `macft train` does, before MLX's first evaluation
     base = load_base("smollm2-135m", compute=a.compute)
     apply_lora(base.model, rank=8, alpha=16, dropout=0.0)
     train, _, _ = load_data(str(DATA), base.tokenizer, 2048, 0.1, 0, None)
@@ -87,14 +92,18 @@ def main() -> None:
             float_matmuls(model, fmm),
         ):
             step = CompiledStep(lg, model) if compiled else lg
+            split = name.endswith("+streams") and n_streams > 1
+            streams = [mx.new_stream(mx.cpu) for _ in range(n_streams)] if split else None
+            run = dict(pack=pack, loss_chunk=chunk, streams=streams)
             # Warm up; a compiled step traces each new shape once (a trainer does it once per
             # shape per run), so it sees all the timed shapes first.
             warm = batches if compiled else batches[:1]
-            accumulate(step, model, warm, pad, pack=pack, loss_chunk=chunk)
-            mx.clear_cache()
-            backend.reset_peak_memory()
-            t0, c0 = time.perf_counter(), time.process_time()
-            _, _, _, tokens = accumulate(step, model, batches[1:], pad, pack=pack, loss_chunk=chunk)
+            with backend.blas_threads(1 if streams else None):  # as the trainer does
+                accumulate(step, model, warm, pad, **run)
+                mx.clear_cache()
+                backend.reset_peak_memory()
+                t0, c0 = time.perf_counter(), time.process_time()
+                _, _, _, tokens = accumulate(step, model, batches[1:], pad, **run)
             dt, cpu = time.perf_counter() - t0, time.process_time() - c0
         print(
             f"{name:34} {tokens / dt:9.0f} {dt / a.steps:7.2f} {cpu / a.steps:10.2f} "

@@ -1,9 +1,11 @@
-"""The training micro-step (forward, loss and backward) compiled into one MLX graph per shape."""
+"""The training step compiled: forward, loss and backward one MLX graph per shape; the update."""
 
 import math
 from dataclasses import replace
 
 import mlx.core as mx
+import mlx.optimizers as optim
+from mlx.utils import tree_map
 
 from macft.batches import Batch
 from macft.packing import PackedCache
@@ -81,3 +83,23 @@ class CompiledStep:
             self.functions[key, stream] = self._function(*key)
         self.shapes.add((key, stream, tuple(a.shape for a in arrays.values())))
         return self.functions[key, stream](*arrays.values())
+
+
+def make_update(model, optimizer, max_grad_norm: float, compiled: bool):
+    """update(gradient sums, target tokens): average, clip, one optimizer step; not evaluated.
+
+    Compiled, the ~400 LoRA matrices' Adam updates run as a few fused kernels, not one op at a
+    time (SmolLM2 on a CPU: 0.08-0.12 s a step -> 0.03). Build it after the optimizer state
+    is final (restored, synced): the compiled function holds that state.
+    """
+
+    def update(grads, n_targets):
+        grads = tree_map(lambda g: g / n_targets.astype(g.dtype), grads)  # as a Python number
+        if max_grad_norm > 0:
+            grads, _ = optim.clip_grad_norm(grads, max_grad_norm)
+        optimizer.update(model, grads)
+
+    if not compiled:
+        return update
+    state = [model.state, optimizer.state]
+    return mx.compile(update, inputs=state, outputs=state)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field, replace
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from mlx.utils import tree_flatten, tree_map, tree_map_with_path
+from mlx.utils import tree_flatten, tree_map_with_path
 
 from macft import backend
 from macft.batches import (
@@ -20,7 +20,7 @@ from macft.batches import (
     can_pack,
     evaluate,
 )
-from macft.compiled_step import CompiledStep
+from macft.compiled_step import CompiledStep, make_update
 from macft.distributed import SOLO, PeerLost
 from macft.errors import DataError, RunError
 from macft.lean_ops import lean_training
@@ -202,6 +202,7 @@ def train(
                 quantized = any(isinstance(m, nn.QuantizedLinear) for m in model.modules())
                 n = stream_count(cfg, world.size, quantized)
                 streams = [mx.new_stream(mx.cpu) for _ in range(n)] if n > 1 else None
+                update = make_update(model, optimizer, cfg.max_grad_norm, step_fn is not None)
                 while st["step"] < total:
                     step = st["step"] + 1
                     t0 = time.perf_counter()
@@ -226,11 +227,8 @@ def train(
                     step_loss = loss.item() / max(n_targets, 1)
                     with _defer_sigint():
                         if n_targets:
-                            grads = tree_map(lambda g, n=n_targets: g / n, grads)
-                            if cfg.max_grad_norm > 0:
-                                grads, _ = optim.clip_grad_norm(grads, cfg.max_grad_norm)
                             optimizer.learning_rate = lr
-                            optimizer.update(model, grads)
+                            update(grads, mx.array(n_targets, mx.float32))
                         mx.eval(model.trainable_parameters(), optimizer.state)
                         st.update(step=step, epoch=epoch, index=index)
                         st["trained_tokens"] += n_inputs
