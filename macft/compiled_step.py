@@ -94,7 +94,8 @@ def make_update(model, optimizer, max_grad_norm: float, compiled: bool):
     """
 
     def update(grads, n_targets):
-        grads = tree_map(lambda g: g / n_targets.astype(g.dtype), grads)  # as a Python number
+        # in the gradients' dtype, as dividing by a Python int did: bf16 stays bf16
+        grads = tree_map(lambda g: g / n_targets.astype(g.dtype), grads)
         if max_grad_norm > 0:
             grads, _ = optim.clip_grad_norm(grads, max_grad_norm)
         optimizer.update(model, grads)

@@ -57,7 +57,7 @@ def describe_steps(cfg: TrainConfig, n_train: int, machines: int = 1) -> str:
     return f"{cfg.epochs:g} epochs = {total_steps(cfg, n_train)} steps of {per_step} examples"
 
 
-def describe_speed(cfg: TrainConfig, base) -> str:
+def describe_speed(cfg: TrainConfig, base, world_size: int = 1) -> str:
     """Which of the speed-ups this run uses, and how to turn each off."""
     from macft.batches import can_pack
 
@@ -74,11 +74,12 @@ def describe_speed(cfg: TrainConfig, base) -> str:
     if uses_compile(cfg, base.model):
         parts.append("one compiled step per batch shape (train.compile)")
     if not backend.metal_available():
-        if base.source["compute"] == "quantized":
+        quantized = base.source["compute"] == "quantized"
+        if quantized:
             parts.append("quantized weights dequantized per matmul for the CPU's BLAS")
         else:
             parts.append("float base on CPU (model.compute=quantized keeps 4-bit)")
-        if (n := stream_count(cfg, quantized=base.source["compute"] == "quantized")) > 1:
+        if (n := stream_count(cfg, world_size, quantized)) > 1:
             parts.append(f"each batch split over {n} CPU streams (MACFT_NO_CPU_STREAMS=1: one)")
     return "; ".join(parts)
 
@@ -132,7 +133,9 @@ def run_train(
         console.print(f"recipe: {picked} (picked for {planning.usable_gb()} usable memory)")
     backend.set_wired_limit()
     if stream_count(cfg, world.size, quantized=recipe["model"]["compute"] == "quantized") > 1:
-        backend.plan_cpu_streams()  # before the first evaluation (the model's load)
+        # before the first evaluation (the model's load); if "auto" picks the 4-bit base after
+        # all, nothing is split and the order alone leaves the peak as it was
+        backend.plan_cpu_streams()
     m = recipe["model"]
     with console.status(f"loading {m['path']} ..."):
         base = load_base(
@@ -174,7 +177,7 @@ def run_train(
         console.print(
             f"data parallel: {world.size} processes, each {cfg.batch_size} examples a micro-batch"
         )
-    console.print(f"speed: {describe_speed(cfg, base)}")
+    console.print(f"speed: {describe_speed(cfg, base, world.size)}")
     planning.check_before_training(
         recipe, base.config, base.source, rep.lengths, console, force, machines=world.size
     )

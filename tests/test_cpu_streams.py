@@ -1,18 +1,22 @@
 """A micro-batch split over CPU streams gives the unsplit loss and gradients; when it is split."""
 
+import ctypes
 import os
+from dataclasses import replace
+from types import SimpleNamespace
 
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
 from test_compiled_step import assert_same
 from test_packing import trained_lora
-from test_trainer import PAD, counting_examples
+from test_trainer import PAD, counting_examples, lora_model
 
 from macft import backend
 from macft.batches import accumulate, batch_loss
 from macft.compiled_step import CompiledStep
 from macft.lean_ops import lean_training
+from macft.train import describe_speed
 from macft.trainer import TrainConfig, stream_count
 
 
@@ -66,7 +70,7 @@ def test_no_split_with_checkpointing_a_quantized_base_or_several_processes(monke
 
 
 def test_blas_threads_is_restored():
-    lib = __import__("ctypes").CDLL(None)
+    lib = ctypes.CDLL(None)
     get = getattr(lib, "openblas_get_num_threads", None)
     with backend.blas_threads(None):
         pass
@@ -76,3 +80,17 @@ def test_blas_threads_is_restored():
     with backend.blas_threads(1):
         assert get() == 1
     assert get() == before
+
+
+def test_the_speed_line_names_the_split_only_when_the_trainer_makes_it(monkeypatch):
+    monkeypatch.setattr(backend, "cpu_streams", lambda examples: 2)
+    monkeypatch.setattr(backend, "metal_available", lambda: False)
+    model, _ = lora_model()
+    base = SimpleNamespace(model=model, config={"model_type": "llama"}, source={})
+    cfg = TrainConfig(batch_size=4)
+    base.source["compute"] = "float32"
+    assert "split over 2 CPU streams" in describe_speed(cfg, base)
+    assert "CPU streams" not in describe_speed(cfg, base, world_size=2)
+    assert "CPU streams" not in describe_speed(replace(cfg, grad_checkpoint=True), base)
+    base.source["compute"] = "quantized"
+    assert "CPU streams" not in describe_speed(cfg, base)
