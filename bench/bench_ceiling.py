@@ -14,7 +14,7 @@ import time
 
 import mlx.core as mx
 
-from macft import backend
+from macft.cpu.process import describe as describe_backend
 
 # SmolLM2-135M: hidden 576, 9 heads / 3 kv heads of 64, MLP 1536, 30 layers, vocabulary 49152
 LINEARS = [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)]
@@ -49,7 +49,7 @@ def main() -> None:
             mx.eval(h @ head.T, d @ head)
     head_s = (time.perf_counter() - t0) / a.repeat
     total = layers + head_s
-    print(f"backend: {backend.describe()}")
+    print(f"backend: {describe_backend()}")
     print(f"{n} tokens: layers' matmuls {layers:.2f} s + LM head {head_s:.2f} s = {total:.2f} s")
     print(f"ceiling: {n / total:.0f} tokens/s (matmuls only; a trainer also runs everything else)")
 

@@ -14,7 +14,7 @@ from functools import partial
 import gguf
 import numpy as np
 
-from macft.kquant import quantize_q4_k, quantize_q5_k, quantize_q6_k
+from macft.export.gguf.kquant import quantize_q4_k, quantize_q5_k, quantize_q6_k
 
 ENCODERS = {"Q4_K": quantize_q4_k, "Q5_K": quantize_q5_k, "Q6_K": quantize_q6_k}
 

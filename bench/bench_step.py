@@ -16,17 +16,17 @@ import time
 from pathlib import Path
 
 import mlx.core as mx
-import mlx.nn as nn
 
-from macft import backend
-from macft.batches import accumulate, batch_loss, batch_order
-from macft.compiled_step import CompiledStep
-from macft.data import load_data
-from macft.lean_ops import lean_training
-from macft.lora import apply_lora
+from macft import device
+from macft.config.schema import LoraConfig
+from macft.cpu.kernels import use_native_kernels
+from macft.cpu.process import describe as describe_backend
+from macft.cpu.streams import cpu_streams, plan_cpu_streams
+from macft.data.batches import batch_order
+from macft.data.dataset import load_data
+from macft.lora.apply import apply_lora
 from macft.models import load_base
-from macft.qmatmul import float_matmuls
-from macft.trainer import grad_checkpointing
+from macft.train.speed import Speed, Stepper
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikisql"
 # name -> (pack, loss_chunk, grad_checkpoint, dequantize per matmul, lean ops on a CPU, compile);
@@ -56,6 +56,13 @@ OPTIONS["padded+full+floatmm"] = (False, 0, False, True, False, False)
 OPTIONS["packed+chunk64+lean+floatmm"] = (True, 64, False, True, True, False)
 
 
+def speed_of(name: str, n_streams: int) -> Speed:
+    """The option as the trainer's speed stack takes it."""
+    pack, chunk, ckpt, fmm, lean, compiled = OPTIONS[name]
+    streams = n_streams if name.endswith("+streams") else 1
+    return Speed(pack, chunk, ckpt, compiled, lean, fmm, streams)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--compute", default="float32", help="model.compute: float32 | quantized")
@@ -63,15 +70,15 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--only", help="comma-separated option names")
     a = p.parse_args()
-    backend.use_native_kernels()  # as `macft train` does: the compiled options' kernels
+    use_native_kernels()  # as `macft train` does: the compiled options' kernels
     names = a.only.split(",") if a.only else list(OPTIONS)[:-3]
     if a.compute == "quantized" and not a.only:
         names = QUANTIZED
-    n_streams = backend.cpu_streams(a.batch)
+    n_streams = cpu_streams(a.batch)
     if n_streams > 1 and any(n.endswith("+streams") for n in names):
-        backend.plan_cpu_streams()  # as `macft train` does, before MLX's first evaluation
+        plan_cpu_streams()  # as `macft train` does, before MLX's first evaluation
     base = load_base("smollm2-135m", compute=a.compute)
-    apply_lora(base.model, rank=8, alpha=16, dropout=0.0)
+    apply_lora(base.model, LoraConfig(rank=8, alpha=16, dropout=0.0))
     train, _, _ = load_data(str(DATA), base.tokenizer, 2048, 0.1, 0, None)
     lengths = [len(e.ids) for e in train]
     order = batch_order(len(train), a.batch, 0, 0, lengths)[: a.steps + 1]
@@ -79,35 +86,24 @@ def main() -> None:
     pad = base.tokenizer.pad_token_id
     model = base.model
     model.train()
-    lg = nn.value_and_grad(model, batch_loss)
     print(
-        f"backend: {backend.describe()}, compute {a.compute}, {a.steps} micro-batches of {a.batch}"
+        f"backend: {describe_backend()}, compute {a.compute}, {a.steps} micro-batches of {a.batch}"
     )
     print(f"{'option':34} {'tokens/s':>9} {'s/step':>7} {'CPU s/step':>10} {'MLX peak GB':>12}")
     for name in names:
-        pack, chunk, ckpt, fmm, lean, compiled = OPTIONS[name]
-        with (
-            grad_checkpointing(model, ckpt),
-            lean_training(model, lean, checkpointing=ckpt),
-            float_matmuls(model, fmm),
-        ):
-            step = CompiledStep(lg, model) if compiled else lg
-            split = name.endswith("+streams") and n_streams > 1
-            streams = [mx.new_stream(mx.cpu) for _ in range(n_streams)] if split else None
-            run = dict(pack=pack, loss_chunk=chunk, streams=streams)
+        speed = speed_of(name, n_streams)
+        with Stepper(model, speed, pad) as stepper:
             # Warm up; a compiled step traces each new shape once (a trainer does it once per
             # shape per run), so it sees all the timed shapes first.
-            warm = batches if compiled else batches[:1]
-            with backend.blas_threads(1 if streams else None):  # as the trainer does
-                accumulate(step, model, warm, pad, **run)
-                mx.clear_cache()
-                backend.reset_peak_memory()
-                t0, c0 = time.perf_counter(), time.process_time()
-                _, _, _, tokens = accumulate(step, model, batches[1:], pad, **run)
+            stepper.grads(batches if speed.compiled else batches[:1])
+            mx.clear_cache()
+            device.reset_peak_memory()
+            t0, c0 = time.perf_counter(), time.process_time()
+            _, _, _, tokens = stepper.grads(batches[1:])
             dt, cpu = time.perf_counter() - t0, time.process_time() - c0
         print(
             f"{name:34} {tokens / dt:9.0f} {dt / a.steps:7.2f} {cpu / a.steps:10.2f} "
-            f"{backend.peak_memory_gb():12.3f}",
+            f"{device.peak_memory_gb():12.3f}",
             flush=True,
         )
 

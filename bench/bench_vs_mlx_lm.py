@@ -74,7 +74,8 @@ def mlx_folder(setting: str, work: Path, scales: str) -> Path:
     """SmolLM2 as an MLX folder mlx_lm reads: float32, or the GGUF's 4/8-bit weights."""
     import mlx.core as mx
 
-    from macft.models import load_base, save_mlx_folder
+    from macft.export.mlx_folder import save_mlx_folder
+    from macft.models import load_base
     from macft.models.quant import cast_floats
 
     name = "float32" if setting == "float32" else f"4bit-{scales}"
@@ -172,8 +173,8 @@ def val_losses(folder: Path, adapter_dirs: list[Path | None]) -> list[float]:
     """Token-weighted validation loss of each adapter set on the same base and valid.jsonl."""
     from mlx_lm import load
 
-    from macft.batches import evaluate
-    from macft.data import load_data
+    from macft.data.dataset import load_data
+    from macft.train.evaluate import evaluate
 
     out = []
     for adapters in adapter_dirs:

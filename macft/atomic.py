@@ -1,5 +1,9 @@
-"""Crash-safe writes (temp name, fsync, rename) and the disk-space check before big writes."""
+"""Crash-safe writes (temp name, fsync, rename), folders swapped in whole, and the disk-space check.
 
+Shared by every stage that writes: the run folder, exports, chat's /save, the kernel wrapper.
+"""
+
+import errno
 import json
 import os
 import shutil
@@ -37,12 +41,11 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _tmp_name(path: Path, suffix: str = "") -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}{suffix}")
-
-
-def _write_then_rename(path: Path, tmp: Path, write) -> None:
-    """write(tmp) must leave tmp complete and fsynced; then it replaces `path` in one rename."""
+def write_via_temp(path: Path, write, suffix: str = "") -> None:
+    """write(tmp) must leave a temp file beside `path` complete and fsynced; then it replaces
+    `path` in one rename. On any error the temp file goes and `path` stays as it was."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}{suffix}")
     try:
         write(tmp)
         _pause()
@@ -60,7 +63,6 @@ def _fsync_file(path: Path) -> None:
 
 def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None:
     """Write to a temp file in the same folder, fsync, then rename over `path` (with `mode`)."""
-    path = Path(path)
 
     def write(tmp: Path) -> None:
         tmp.write_bytes(data)
@@ -68,7 +70,7 @@ def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None
             tmp.chmod(mode)
         _fsync_file(tmp)
 
-    _write_then_rename(path, _tmp_name(path), write)
+    write_via_temp(path, write)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -79,15 +81,25 @@ def atomic_write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
-def atomic_save_safetensors(path: Path, weights: dict, metadata: dict | None = None) -> None:
-    path = Path(path)
+def save_safetensors(path: Path, weights: dict, metadata: dict | None = None) -> None:
+    """mx.save_safetensors with a failed write raised as OSError, as every other write fails.
 
+    The weights are evaluated first, so what MLX raises after that is the write itself.
+    """
+    mx.eval(weights)
+    try:
+        mx.save_safetensors(str(path), weights, metadata=metadata or {"format": "mlx"})
+    except RuntimeError as e:  # MLX's writer has no errno: "[write] Unable to write ..."
+        raise OSError(errno.EIO, f"cannot write {path}: {e}") from None
+
+
+def atomic_save_safetensors(path: Path, weights: dict, metadata: dict | None = None) -> None:
     def write(tmp: Path) -> None:
-        mx.save_safetensors(str(tmp), weights, metadata=metadata or {"format": "mlx"})
+        save_safetensors(tmp, weights, metadata)
         _fsync_file(tmp)
 
     # mx.save_safetensors wants the .safetensors extension on the temp name too
-    _write_then_rename(path, _tmp_name(path, ".safetensors"), write)
+    write_via_temp(path, write, ".safetensors")
 
 
 def tensor_bytes(*trees: dict) -> int:
@@ -111,37 +123,53 @@ def free_space(path: Path) -> tuple[Path, int]:
     return fs, shutil.disk_usage(fs).free
 
 
-def check_space(path: Path, nbytes: int, what: str, fix: str) -> None:
+def human(n: float) -> str:
+    """Bytes for people: 512 B, 1.2 MB, 3.4 GB (powers of 1000)."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def check_space(path: Path, nbytes: int, what: str, fix: str, error=RunError) -> None:
     """Refuse before writing `nbytes` (plus a margin) under `path` when the disk cannot hold it."""
     fs, free = free_space(path)
     need = int(nbytes * 1.05) + SPACE_MARGIN
     if free < need:
-        mb = 1024 * 1024
-        raise RunError(
-            f"{path}: need {need / mb:.1f} MB free on {fs} for {what}, have {free / mb:.1f} MB; "
-            f"{fix}"
+        raise error(
+            f"{path}: need {human(need)} free on {fs} for {what}, have {human(free)}; {fix}"
         )
 
 
+def replace_folder(tmp: Path, dest: Path) -> None:
+    """Rename the complete folder `tmp` to `dest`, over an old `dest` if there is one.
+
+    A folder cannot be renamed over a non-empty one, so the old one is moved aside first;
+    if the process dies in that moment, RunDir.lock() (run folders) or Staging (exports)
+    puts it back.
+    """
+    fsync_dir(tmp)
+    if dest.exists():
+        old = dest.with_name(f".old-{dest.name}-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dest, old)
+        _pause()  # the one moment dest is missing
+        os.replace(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, dest)
+    fsync_dir(dest.parent)
+
+
 def write_folder(dest: Path, files) -> None:
-    """Build a folder under a temp name, then rename it into place (replacing an old one)."""
+    """Build a folder under a temp name with files(tmp), then swap it into place."""
     tmp = dest.with_name(f".tmp-{dest.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
         files(tmp)
-        fsync_dir(tmp)
-        if dest.exists():
-            # A folder cannot be renamed over a non-empty one: move the old aside first.
-            old = dest.with_name(f".old-{dest.name}-{os.getpid()}")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(dest, old)
-            _pause()  # the one moment dest is missing: RunDir.lock() puts `old` back
-            os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
+        replace_folder(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    fsync_dir(dest.parent)

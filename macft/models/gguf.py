@@ -7,10 +7,9 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from macft import mlx_lm_compat
 from macft.errors import ModelError
-from macft.models import arch as archs
-from macft.models import quant
+from macft.models import gguf_archs as archs
+from macft.models import mlx_lm_compat, quant
 from macft.models.gguf_tokenizer import build_tokenizer, tokenizer_source
 
 # mx.load reads these natively (Q4_0/Q4_1 as 4-bit, Q8_0 as 8-bit, group 32); others go through gguf-py.
@@ -42,6 +41,35 @@ def _plain(v):
     return v
 
 
+def _reader(path: Path) -> gguf.GGUFReader:
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception:  # gguf-py's errors (numpy views, indices) say little to a user
+        raise ModelError(
+            f"{path}: cannot read GGUF ({path.stat().st_size:,} bytes): the file is "
+            "corrupt or truncated; download it again"
+        ) from None
+
+
+def _metadata(reader: gguf.GGUFReader) -> dict:
+    return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+
+
+def gguf_config(path: Path) -> dict:
+    """The HF-style config of a GGUF file from its header alone (no tensor is read)."""
+    _check_magic(path)
+    reader = _reader(path)
+    meta = _metadata(reader)
+    arch = archs.get_arch(meta.get("general.architecture"), path)
+    return archs.config_from_gguf(arch, meta, {t.name for t in reader.tensors}, path)
+
+
+def gguf_tokenizer(path: Path):
+    """The tokenizer a GGUF file carries."""
+    _check_magic(path)
+    return build_tokenizer(_metadata(_reader(path)), str(path))
+
+
 class _Tensors:
     """One GGUF's tensors through mx.load when it can read them all, else gguf-py in numpy."""
 
@@ -54,17 +82,9 @@ class _Tensors:
         except (RuntimeError, ValueError):
             # K-quants, Q5_x, BF16...: mx.load refuses the whole file; read it with gguf-py.
             self.arrays = None
-            try:
-                self.reader = gguf.GGUFReader(str(path))
-            except Exception:  # gguf-py's errors (numpy views, indices) say little to a user
-                raise ModelError(
-                    f"{path}: cannot read GGUF ({path.stat().st_size:,} bytes): the file is "
-                    "corrupt or truncated; download it again"
-                ) from None
+            self.reader = _reader(path)
             self.by_name = {t.name: t for t in self.reader.tensors}
-            self.meta = {
-                k: f.contents() for k, f in self.reader.fields.items() if not k.startswith("GGUF.")
-            }
+            self.meta = _metadata(self.reader)
 
     def names(self) -> set:
         if self.arrays is not None:
@@ -116,24 +136,7 @@ def _name_map(model, gguf_arch: str, n_layers: int) -> dict:
     return out
 
 
-def load_gguf(path: Path, bits: int, group_size: int):
-    """-> (model, tokenizer, config, source)."""
-    _check_magic(path)
-    tensors = _Tensors(path)
-    meta = tensors.meta
-    if meta.get("general.type") == "adapter":
-        raise ModelError(
-            f"{path}: this GGUF is a LoRA adapter, not a base model; give the base model's GGUF"
-        )
-    arch = archs.get_arch(meta.get("general.architecture"), path)
-    names = tensors.names()
-    config = archs.config_from_gguf(arch, meta, names, path)
-
-    factors = None
-    if "rope_freqs.weight" in names:
-        factors = tensors.get("rope_freqs.weight")[0].astype(mx.float32)
-        config["rope_scaling"] = archs.llama3_rope_scaling(factors.tolist())
-
+def _build(path: Path, config: dict):
     try:
         model = mlx_lm_compat.build_model(config)
     except (ValueError, TypeError, KeyError) as e:
@@ -142,13 +145,21 @@ def load_gguf(path: Path, bits: int, group_size: int):
         ) from None
     if config["tie_word_embeddings"] and "lm_head" in model and hasattr(model, "sanitize"):
         model.sanitize({})  # gemma3_text drops its head only when the weights have none
+    return model
+
+
+def _weights(tensors: _Tensors, model, config: dict, arch, bits: int, group_size: int):
+    """(weights by mlx-lm name, quantization plan): each GGUF tensor in mlx-lm's layout.
+
+    GGUF's own 4/8-bit tensors stay quantized (group 32); float ones are quantized to
+    bits/group_size as they load; llama's q/k rows go back to HF's order; norms lose Gemma's +1.
+    """
     modules = dict(model.named_modules())
     name_map = _name_map(model, arch.gguf_arch, config["num_hidden_layers"])
     heads = {
         "self_attn.q_proj": config["num_attention_heads"],
         "self_attn.k_proj": config["num_key_value_heads"],
     }
-
     weights, plan, missing = {}, {}, []
     for name, gname in name_map.items():
         module_path, leaf = name.rsplit(".", 1)
@@ -186,22 +197,14 @@ def load_gguf(path: Path, bits: int, group_size: int):
     unmapped = [n for n, _ in tree_flatten(model.parameters()) if n not in name_map]
     if missing or unmapped:
         raise ModelError(
-            f"{path}: GGUF lacks tensors this {arch.gguf_arch} model needs "
+            f"{tensors.path}: GGUF lacks tensors this {arch.gguf_arch} model needs "
             f"({', '.join((missing + unmapped)[:4])}); the file is incomplete or a variant macft does not know"
         )
+    return weights, plan
 
-    quant.apply_quantization(model, plan)
-    try:
-        model.load_weights(list(weights.items()), strict=True)
-    except ValueError as e:
-        raise ModelError(f"{path}: tensor shapes do not match the GGUF metadata ({e})") from None
-    if factors is not None:
-        archs.set_rope_factors(model, factors, config)
-    model.eval()
-    mx.eval(model.parameters())
-    config["quantization"] = quant.config_entry(plan)
 
-    tokenizer = build_tokenizer(meta, str(path))
+def _source(path: Path, meta: dict, arch, factors) -> dict:
+    """What base.json records of a GGUF base: its metadata, tokenizer and rope factors."""
     source = {
         "kind": "gguf",
         "path": str(path),
@@ -217,4 +220,36 @@ def load_gguf(path: Path, bits: int, group_size: int):
         source["tokenizer"]["chat_template"] = meta["tokenizer.chat_template"]
     if factors is not None:
         source["rope_freqs"] = [float(x) for x in factors.tolist()]
-    return model, tokenizer, config, source
+    return source
+
+
+def load_gguf(path: Path, bits: int, group_size: int):
+    """-> (model, tokenizer, config, source)."""
+    _check_magic(path)
+    tensors = _Tensors(path)
+    meta = tensors.meta
+    if meta.get("general.type") == "adapter":
+        raise ModelError(
+            f"{path}: this GGUF is a LoRA adapter, not a base model; give the base model's GGUF"
+        )
+    arch = archs.get_arch(meta.get("general.architecture"), path)
+    names = tensors.names()
+    config = archs.config_from_gguf(arch, meta, names, path)
+    factors = None
+    if "rope_freqs.weight" in names:
+        factors = tensors.get("rope_freqs.weight")[0].astype(mx.float32)
+        config["rope_scaling"] = archs.llama3_rope_scaling(factors.tolist())
+
+    model = _build(path, config)
+    weights, plan = _weights(tensors, model, config, arch, bits, group_size)
+    quant.apply_quantization(model, plan)
+    try:
+        model.load_weights(list(weights.items()), strict=True)
+    except ValueError as e:
+        raise ModelError(f"{path}: tensor shapes do not match the GGUF metadata ({e})") from None
+    if factors is not None:
+        archs.set_rope_factors(model, factors, config)
+    model.eval()
+    mx.eval(model.parameters())
+    config["quantization"] = quant.config_entry(plan)
+    return model, build_tokenizer(meta, str(path)), config, _source(path, meta, arch, factors)

@@ -14,8 +14,8 @@ from tokenizers import (
 )
 from transformers import PreTrainedTokenizerFast
 
-from macft import mlx_lm_compat
 from macft.errors import ModelError
+from macft.models import mlx_lm_compat
 
 log = logging.getLogger(__name__)
 

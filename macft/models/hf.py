@@ -6,9 +6,8 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from macft import mlx_lm_compat
 from macft.errors import ModelError
-from macft.models import quant
+from macft.models import mlx_lm_compat, quant
 
 FOLDER_NEEDS = "an HF/MLX model folder needs config.json, *.safetensors and tokenizer files"
 

@@ -5,8 +5,8 @@ import json
 import os
 from pathlib import Path
 
-from macft.catalog import Entry
 from macft.errors import ModelError
+from macft.models.catalog import Entry
 
 # Only what loading needs: no PyTorch *.bin / *.pth copies, no original/ consolidated weights.
 ALLOW = ["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]
@@ -77,14 +77,21 @@ def hf_model(entry: Entry) -> Path:
             )
         )
     except Exception as e:
-        text = f"{type(e).__name__}: {e}".lower()
-        if "gated" in text or "401" in text or "403" in text:
+        if _refused(e):
             why = "the repo is gated: accept its license on huggingface.co, then hf auth login"
         else:  # LocalEntryNotFoundError, connection errors, timeouts: not reachable from here
             why = f"huggingface.co cannot be reached ({type(e).__name__}); {fetch}"
         raise ModelError(
             f"model {entry.alias}: {repo} is not in the Hugging Face cache and {why}"
         ) from None
+
+
+def _refused(e: Exception) -> bool:
+    """Did the hub answer "not for you" (a gated repo, 401 or 403), rather than not at all?"""
+    from huggingface_hub.errors import GatedRepoError
+
+    status = getattr(getattr(e, "response", None), "status_code", None)
+    return isinstance(e, GatedRepoError) or status in (401, 403)
 
 
 def ollama_models_dir() -> Path:

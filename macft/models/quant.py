@@ -6,7 +6,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from macft.mlx_lm_compat import QuantizedSwitchLinear, SwitchLinear
+from macft.models.mlx_lm_compat import QuantizedSwitchLinear, SwitchLinear
 
 FLOAT_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
@@ -133,12 +133,25 @@ def cast_floats(model: nn.Module, dtype, select) -> None:
         mx.eval(model.parameters())
 
 
+def parameter_count(model: nn.Module) -> int:
+    """All parameters, quantized weights counted by their logical (unpacked) size."""
+    quantized = {
+        name: m.bits
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding, QuantizedSwitchLinear))
+    }
+    total = 0
+    for name, v in tree_flatten(model.parameters()):
+        owner, leaf = name.rsplit(".", 1) if "." in name else ("", name)
+        if owner not in quantized:
+            total += v.size
+        elif leaf == "weight":
+            total += v.size * 32 // quantized[owner]
+        elif leaf not in ("scales", "biases"):  # quantization bookkeeping, not parameters
+            total += v.size
+    return total
+
+
 def float32_bytes(model: nn.Module) -> int:
     """Bytes the model would take with every weight as float32."""
-    total = 0
-    for _, m in model.named_modules():
-        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding, QuantizedSwitchLinear)):
-            total += m.weight.size * 32 // m.bits + (m.bias.size if "bias" in m else 0)
-        elif not m.children():
-            total += sum(v.size for _, v in tree_flatten(m.parameters()))
-    return 4 * total
+    return 4 * parameter_count(model)

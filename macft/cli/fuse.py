@@ -1,0 +1,68 @@
+"""`macft fuse`: a run's adapters merged into its base, as an MLX folder, a GGUF or PEFT."""
+
+import click
+
+from macft.cli.options import computes
+from macft.export.gguf import QTYPES
+
+
+@computes
+@click.command("fuse")
+@click.argument("run")
+@click.option("--out", "-o", help="Where the export goes (default RUN/export).")
+@click.option(
+    "--dtype",
+    type=click.Choice(["f16", "bf16", "f32"]),
+    help="Float type of the fused weights (default f16; bf16 for bf16 sources, Gemma, --quant bf16).",
+)
+@click.option(
+    "--quantize",
+    type=click.Choice(["4", "8"]),
+    help="Re-quantize the fused MLX folder to 4 or 8 bits.",
+)
+@click.option("--gguf", is_flag=True, help="Write one GGUF file and an Ollama Modelfile.")
+@click.option(
+    "--quant",
+    type=click.Choice(QTYPES),
+    help="GGUF type (default f16); q4_k_m is what most Ollama users run.",
+)
+@click.option(
+    "--adapter-only", is_flag=True, help="Export the adapters alone (with --gguf or --peft)."
+)
+@click.option("--peft", is_flag=True, help="Write a PEFT adapter folder (HF names, lora_alpha).")
+@click.option("--checkpoint", "-c", help="best or step-N (default: the final adapters).")
+@click.option(
+    "--base-weights",
+    help="Merge into these weights: a full-precision HF folder, any base model, or 'quantized' "
+    "for the run's own quantized base. Default: the run's full-precision source when at hand.",
+)
+@click.option("--name", help="Ollama model name (default: the run folder's name).")
+def command(
+    run, out, dtype, quantize, gguf, quant, adapter_only, peft, checkpoint, base_weights, name
+):
+    """Merge a run's adapters into its base: an MLX folder, a GGUF + Modelfile, or PEFT.
+
+    \b
+    macft fuse runs/net
+    macft fuse runs/net --gguf --quant q4_k_m
+    macft fuse runs/net --adapter-only --gguf
+    macft fuse runs/net --peft
+    """
+    from rich.console import Console
+
+    from macft.export.fuse import run_fuse
+
+    run_fuse(
+        run,
+        out,
+        dtype,
+        int(quantize) if quantize else None,
+        gguf,
+        quant,
+        adapter_only,
+        peft,
+        checkpoint,
+        base_weights,
+        name,
+        Console(soft_wrap=True),  # paths and commands stay whole, ready to copy
+    )

@@ -1,0 +1,105 @@
+"""A recipe checked against the schema: defaults filled in, every problem reported at once."""
+
+import difflib
+from typing import Any
+
+from macft.config.schema import DEFAULT_EPOCHS, REQUIRED, SCHEMA, TOP_LEVEL, Key
+from macft.errors import RecipeError
+
+
+def _unknown(prefix: str, key: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"did you mean {prefix}{close[0]}?" if close else f"valid keys: {', '.join(known)}"
+    return f"{prefix}{key}: unknown key; {hint}"
+
+
+def _check(dotted: str, spec: Key, value: Any) -> tuple[Any, str | None]:
+    """Return (normalised value, problem or None)."""
+    kind = spec.kind
+    if value is None and kind.startswith("opt_"):
+        return None, None
+    if kind in ("int", "opt_int"):
+        if isinstance(value, bool) or not isinstance(value, int):
+            return value, f"{dotted}: expected a whole number, got {value!r}"
+    elif kind in ("float", "opt_float"):
+        if isinstance(value, str):
+            # YAML 1.1 reads 2e-4 (no dot) as text; take it as the number it plainly is.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return value, f"{dotted}: expected a number, got {value!r}"
+        value = float(value)
+    elif kind == "bool":
+        if not isinstance(value, bool):
+            return value, f"{dotted}: expected true or false, got {value!r}"
+    elif kind in ("str", "opt_str"):
+        if not isinstance(value, str) or not value.strip():
+            return value, f"{dotted}: expected a non-empty text, got {value!r}"
+    elif kind == "choice":
+        if value not in spec.choices:
+            opts = ", ".join(str(c) for c in spec.choices)
+            return value, f"{dotted}: must be one of {opts}, got {value!r}"
+    elif kind == "targets":
+        if isinstance(value, str):
+            value = value.strip()
+        elif not (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
+            return (
+                value,
+                f"{dotted}: expected attention, mlp, all-linear or a list of module names, got {value!r}",
+            )
+    elif kind == "layers":
+        if value != "all" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            return value, f"{dotted}: expected 'all' or a number of layers >= 1, got {value!r}"
+    if spec.lo is not None and isinstance(value, (int, float)) and value < spec.lo:
+        bound = "> 0" if 0 < spec.lo < 1e-6 else f">= {spec.lo:g}"  # a tiny floor means "positive"
+        return value, f"{dotted}: must be {bound}, got {value!r}"
+    if spec.hi is not None and isinstance(value, (int, float)) and value > spec.hi:
+        return value, f"{dotted}: must be <= {spec.hi:g}, got {value!r}"
+    return value, None
+
+
+def validate(raw: dict, origin: str) -> dict:
+    """Fill defaults and check every key; report every problem at once."""
+    problems: list[str] = []
+    out: dict[str, Any] = {}
+    known_top = [*SCHEMA, *TOP_LEVEL]
+    for key in raw:
+        if key not in known_top:
+            problems.append(_unknown("", str(key), known_top))
+    for key, spec in TOP_LEVEL.items():
+        out[key], problem = _check(key, spec, raw.get(key, spec.default))
+        problems += [problem] if problem else []
+    for section, keys in SCHEMA.items():
+        given = raw.get(section) or {}
+        if not isinstance(given, dict):
+            problems.append(f"{section}: expected a section of keys, got {given!r}")
+            given = {}
+        for key in given:
+            if key not in keys:
+                problems.append(_unknown(f"{section}.", str(key), list(keys)))
+        out[section] = {}
+        for key, spec in keys.items():
+            dotted = f"{section}.{key}"
+            if key not in given and spec.default is REQUIRED:
+                problems.append(f"{dotted}: missing; pass {spec.flag} or set it in the recipe")
+                continue
+            value, problem = _check(dotted, spec, given.get(key, spec.default))
+            out[section][key] = value
+            problems += [problem] if problem else []
+    train = out["train"]
+    if train.get("iters") is not None and train.get("epochs") is not None:
+        problems.append("train.iters and train.epochs: set one of them, not both")
+    if isinstance(train.get("moe_aux_loss"), float) and train["moe_aux_loss"] > 0:
+        if out["lora"].get("router") is not True:
+            problems.append(
+                "train.moe_aux_loss: the load-balancing loss trains the router, which is frozen; "
+                "set lora.router: true, or train.moe_aux_loss: 0"
+            )
+    if problems:
+        n = len(problems)
+        raise RecipeError(f"{origin}: {n} problem{'s' * (n > 1)}: " + "; ".join(problems))
+    if train["iters"] is None and train["epochs"] is None:
+        train["epochs"] = DEFAULT_EPOCHS
+    return out

@@ -1,0 +1,142 @@
+"""A data file or folder -> checked, split, tokenized and cut examples, and a report of it all."""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from macft.data.encode import Example, encode_record
+from macft.data.jsonl import read_jsonl
+from macft.errors import DataError
+
+
+@dataclass
+class DataReport:
+    format: str  # "chat" | "completion" | "text"
+    n_train: int
+    n_valid: int
+    n_truncated: int  # examples cut to max_seq_length
+    n_dropped: int  # examples with no target token left after truncation
+    train_tokens: int
+    train_target_tokens: int
+    lengths: list[int]  # per train example, after truncation (a memory planner reads these)
+    sources: dict  # {"train": path, "valid": path or "held out from <file>: N lines" or "none"}
+
+
+def _clip(record: dict, limit: int) -> dict:
+    """Cut strings far beyond max_seq_length (a 10 MB line) before the slow tokenizer sees them.
+
+    At <= 64 chars per token the cut part is past max_seq_length anyway: the example is still
+    truncated (and counted) and keeps the same tokens."""
+
+    def cut(s):
+        return s[:limit] if isinstance(s, str) else s
+
+    if "messages" in record:
+        return {"messages": [{**m, "content": cut(m["content"])} for m in record["messages"]]}
+    return {k: cut(v) for k, v in record.items()}
+
+
+def _split(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Deterministic held-out indices; both lists keep file order."""
+    if fraction <= 0 or n < 2:
+        return list(range(n)), []
+    k = min(n - 1, max(1, round(n * fraction)))
+    held = set(np.random.default_rng(seed).permutation(n)[:k].tolist())
+    return [i for i in range(n) if i not in held], sorted(held)
+
+
+def _listing(folder: Path) -> str:
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
+    shown = ", ".join(names[:12]) + (f", ... ({len(names)} entries)" if len(names) > 12 else "")
+    return shown or "nothing (it is empty)"
+
+
+def _find_files(path: Path) -> tuple[Path, Path | None]:
+    if path.is_dir():
+        train, valid = path / "train.jsonl", path / "valid.jsonl"
+        if not train.is_file():
+            raise DataError(
+                f"{path}: no train.jsonl in this folder (it has: {_listing(path)}); "
+                "put the training lines in train.jsonl (and optionally valid.jsonl)"
+            )
+        return train, valid if valid.is_file() else None
+    if path.is_file():
+        return path, None
+    parent = path.parent if path.parent.is_dir() else None
+    there = (
+        f"; {parent} has: {_listing(parent)}"
+        if parent
+        else f"; {path.parent} does not exist either"
+    )
+    raise DataError(
+        f"{path} does not exist{there}. Give a .jsonl file or a folder with train.jsonl"
+    )
+
+
+def load_data(
+    path: str | Path,
+    tokenizer,
+    max_seq_length: int,
+    valid_fraction: float,
+    seed: int,
+    system: str | None = None,
+) -> tuple[list[Example], list[Example], DataReport]:
+    """Read, check, split, tokenize and truncate; the report counts every cut and drop."""
+    train_file, valid_file = _find_files(Path(path))
+    records, fmt = read_jsonl(train_file)
+    if valid_file is not None:
+        valid_records, valid_fmt = read_jsonl(valid_file)
+        if valid_fmt != fmt:
+            raise DataError(
+                f"{valid_file}: the lines are {valid_fmt} format while {train_file} is {fmt}; "
+                "use the same format in both files"
+            )
+        valid_source = str(valid_file)
+    else:
+        train_idx, valid_idx = _split(len(records), valid_fraction, seed)
+        valid_records = [records[i] for i in valid_idx]
+        records = [records[i] for i in train_idx]
+        valid_source = (
+            f"held out from {train_file}: {len(valid_idx)} lines" if valid_idx else "none"
+        )
+
+    counts = {"truncated": 0, "dropped": 0, "longest": 0}
+
+    def prepare(recs: list[dict]) -> list[Example]:
+        out = []
+        for rec in recs:
+            try:
+                ex = encode_record(_clip(rec, 64 * max_seq_length), fmt, tokenizer, system)
+            except DataError as e:
+                raise DataError(f"{train_file}: {e}") from e
+            counts["longest"] = max(counts["longest"], len(ex.ids))
+            if len(ex.ids) > max_seq_length:
+                counts["truncated"] += 1
+                ex = Example(ex.ids[:max_seq_length], ex.mask[:max_seq_length])
+            if not ex.mask.any():
+                counts["dropped"] += 1  # nothing left to learn from after the cut
+                continue
+            out.append(ex)
+        return out
+
+    train_set, valid_set = prepare(records), prepare(valid_records)
+    if not train_set:
+        raise DataError(
+            f"{train_file}: every training example is longer than data.max_seq_length="
+            f"{max_seq_length} before its first target token (the longest has "
+            f"{counts['longest']} tokens); raise data.max_seq_length"
+        )
+    lengths = [len(ex.ids) for ex in train_set]
+    report = DataReport(
+        format=fmt,
+        n_train=len(train_set),
+        n_valid=len(valid_set),
+        n_truncated=counts["truncated"],
+        n_dropped=counts["dropped"],
+        train_tokens=sum(lengths),
+        train_target_tokens=int(sum(ex.mask.sum() for ex in train_set)),
+        lengths=lengths,
+        sources={"train": str(train_file), "valid": valid_source},
+    )
+    return train_set, valid_set, report

@@ -1,0 +1,222 @@
+"""The fuse command: run folder -> base + adapters -> fused MLX folder, GGUF + Modelfile, or PEFT."""
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+from rich.console import Console
+
+from macft.errors import ExportError, ModelError, RunError
+from macft.export import ollama
+from macft.export.merge import DTYPES, REQUANT_GROUP, float_source, fuse_model, load_float_base
+from macft.export.outputs import (
+    Steps,
+    adapter_base,
+    print_summary,
+    write_adapter_gguf,
+    write_gguf,
+    write_mlx,
+    write_modelfile,
+    write_peft_folder,
+)
+from macft.export.staging import Staging, check_free_space
+from macft.lora.apply import lora_layers
+from macft.models import Base, load_base, resolve_model_path
+from macft.models.quant import parameter_count
+from macft.runs.folder import RunDir
+from macft.runs.model import load_run_model
+
+# Bytes per weight in each GGUF type (Q4_K_M mixes Q4_K, 4.5 bits, with some Q6_K, 6.6 bits).
+GGUF_BPW = {"f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_k_m": 0.66}
+MARGIN = 64 * 2**20  # tokenizer files, metadata, headers
+
+
+def _check_options(gguf, quant, adapter_only, peft, quantize, dtype) -> None:
+    if adapter_only and not (gguf or peft):
+        raise ExportError(
+            "--adapter-only needs --gguf (a GGUF LoRA for llama.cpp / Ollama ADAPTER) or --peft; "
+            "the run's adapters.safetensors already is the MLX adapter"
+        )
+    if quant is not None and not gguf:
+        raise ExportError("--quant sets the GGUF type; add --gguf (or use --quantize for MLX)")
+    if adapter_only and (quant is not None or quantize or dtype):
+        raise ExportError(
+            "--adapter-only writes the adapters as they are; drop --quant/--quantize/--dtype"
+        )
+    if quantize and gguf:
+        raise ExportError(
+            "--quantize re-quantizes the MLX folder; for GGUF use --quant q8_0|q4_0|q4_k_m"
+        )
+    if quantize and peft:
+        raise ExportError("--quantize is for the fused MLX folder; --peft writes adapters only")
+
+
+def _open_run(run_arg: str, base_weights: str | None) -> RunDir:
+    run = RunDir(Path(run_arg).expanduser())
+    if not run.path.is_dir() or not (run.holds_run() or run.config_path.is_file()):
+        what = (
+            "does not exist"
+            if not run.path.exists()
+            else "holds no run (no recipe.yaml, adapters or checkpoints)"
+        )
+        raise RunError(
+            f"{run.path} {what}; macft fuse needs a run folder that macft train wrote adapters into"
+        )
+    if not run.recipe_path.is_file() and base_weights in (None, "quantized"):
+        raise RunError(
+            f"{run.path}: no recipe.yaml says which base these adapters belong to; "
+            f"name it: macft fuse {run.path} --base-weights PATH"
+        )
+    return run
+
+
+def default_dtype(quant: str, config: dict, float_src: dict) -> str:
+    """f16, except where bf16 is safer: a bf16 source or GGUF type, and Gemma (f16 overflows)."""
+    gemma = str(config.get("model_type", "")).startswith("gemma")
+    if quant == "bf16" or gemma or float_src.get("dtype") == "bfloat16":
+        return "bf16"
+    return "f16"
+
+
+def choose_base(run: RunDir, base_weights: str | None) -> tuple[str, Path | None]:
+    """("float", folder) to merge into full-precision weights, or ("quantized", path or None)."""
+    if base_weights == "quantized":
+        return "quantized", None
+    if base_weights:
+        p = resolve_model_path(base_weights)
+        return ("float" if float_source(p) else "quantized"), p
+    try:
+        source = json.loads(run.base_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        source = {}
+    if source.get("kind") == "hf" and float_source(Path(source.get("path", ""))):
+        return "float", Path(source["path"])
+    return "quantized", None
+
+
+def _loader(mode: str, path: Path | None, run: RunDir):
+    def load(base_path, model_cfg, origin) -> Base:
+        if mode == "float":
+            return load_float_base(path)
+        kw = {k: model_cfg[k] for k in ("bits", "group_size") if k in model_cfg}
+        try:  # kept quantized: each layer is dequantized as it is fused
+            return load_base(str(path or base_path), compute="quantized", **kw)
+        except ModelError as e:
+            if origin is None:
+                raise
+            raise ModelError(
+                f"{origin}: model.path {base_path} is not available: {e}. Fix it, or point at "
+                f"a copy of that base: macft fuse {run.path} --base-weights PATH"
+            ) from None
+
+    return load
+
+
+def _estimate(n_params: int, n_adapter: int, plan: dict) -> int:
+    need = MARGIN
+    if plan.get("mlx"):
+        bits, dtype_bytes = plan.get("quantize"), plan["dtype_bytes"]
+        per = bits / 8 + 2 * dtype_bytes / REQUANT_GROUP if bits else dtype_bytes
+        need += n_params * per
+    if plan.get("gguf"):
+        need += n_params * GGUF_BPW[plan["gguf"]]
+    need += n_adapter * 4 * (plan.get("peft", 0) + plan.get("adapter_gguf", 0))
+    return int(need * 1.05)
+
+
+def _merge_target(mode: str, path: Path | None, cm, layers, base_weights: str | None) -> str:
+    if mode == "float":
+        return f"the full-precision weights in {path} ({cm.source.get('dtype')})"
+    bits = {m.linear.bits for _, m in layers if hasattr(m.linear, "bits")}
+    what = f"{'/'.join(map(str, sorted(bits)))}-bit" if bits else "float"
+    why = (
+        "as --base-weights quantized asks"
+        if base_weights == "quantized"
+        else "no full-precision weights at hand; --base-weights FOLDER gives them"
+    )
+    return f"{cm.base_path}, {what} weights dequantized ({why})"
+
+
+def run_fuse(
+    run_arg: str,
+    out: str | None = None,
+    dtype: str | None = None,
+    quantize: int | None = None,
+    gguf: bool = False,
+    quant: str | None = None,
+    adapter_only: bool = False,
+    peft: bool = False,
+    checkpoint: str | None = None,
+    base_weights: str | None = None,
+    name: str | None = None,
+    console: Console | None = None,
+) -> list[dict]:
+    console = console or Console()
+    _check_options(gguf, quant, adapter_only, peft, quantize, dtype)
+    run = _open_run(run_arg, base_weights)
+    name = ollama.check_name(name or ollama.default_name(run.path))
+    out_dir = Path(out).expanduser() if out else run.path / "export"
+    quant = quant or "f16"
+    mode, path = choose_base(run, base_weights)
+    console.print(f"[bold]macft fuse[/] {run.path} -> {out_dir}")
+    with console.status("loading the base and the adapters ..."):
+        cm = load_run_model(
+            str(run.path), str(path) if path else None, checkpoint, _loader(mode, path, run)
+        )
+    if gguf:
+        from macft.export.gguf.layout import resolve
+
+        resolve(cm.model, cm.config)  # an architecture GGUF cannot hold: say so before any work
+    for note in cm.notes:
+        console.print(f"[yellow]note:[/] {note}")
+    layers = lora_layers(cm.model)
+    console.print(
+        f"adapters: {cm.adapters} ({len(layers)} LoRA layers{', DoRA' if layers and layers[0][1].dora else ''})"
+    )
+    fused_wanted = not adapter_only and (gguf or not peft)
+    if fused_wanted:
+        console.print(f"merging into: {_merge_target(mode, path, cm, layers, base_weights)}")
+
+    dtype = dtype or default_dtype(quant, cm.config, cm.source if mode == "float" else {})
+    plan = {
+        "mlx": fused_wanted and not gguf,
+        "quantize": quantize,
+        "dtype_bytes": mx.zeros((), DTYPES[dtype]).itemsize,
+        "gguf": quant if gguf and fused_wanted else None,
+        "peft": int(peft),
+        "adapter_gguf": int(gguf and adapter_only),
+    }
+    n_adapter = sum(m.lora_a.size + m.lora_b.size for _, m in layers)
+    check_free_space(out_dir, _estimate(parameter_count(cm.model), n_adapter, plan))
+    with Staging(out_dir) as stage:
+        rows = _write(stage, cm, run, plan, dtype, name, Steps(console), console)
+        stage.commit()
+    print_summary(console, rows, name, gguf)
+    return rows
+
+
+def _write(stage: Staging, cm, run: RunDir, plan: dict, dtype: str, name: str, steps, console):
+    """Every output the plan asks for, into the staging area; their summary rows."""
+    rows, slug = [], name.split("/")[-1].split(":")[0]
+    if plan["peft"]:
+        rows.append(write_peft_folder(stage, cm, run, steps))
+    modelfile_from = modelfile_adapter = None
+    if plan["adapter_gguf"]:
+        row = write_adapter_gguf(stage, cm, run, f"{slug}-lora.gguf", steps)
+        rows.append(row)
+        modelfile_from = adapter_base(cm, cm.base_path)
+        modelfile_adapter = f"./{row['file'].name}"
+    if plan["mlx"] or plan["gguf"]:
+        _, seconds = steps.run("fusing", lambda p: fuse_model(cm.model, DTYPES[dtype], p))
+        if plan["gguf"]:
+            quant = plan["gguf"]
+            row = write_gguf(stage, cm, f"{slug}-{quant}.gguf", quant, steps)
+            modelfile_from = f"./{row['file'].name}"
+        else:
+            row = write_mlx(stage, cm, dtype, plan["quantize"], steps)
+        row["seconds"] += seconds
+        rows.append(row)
+    if plan["gguf"] or plan["adapter_gguf"]:
+        row = write_modelfile(stage, cm, modelfile_from, modelfile_adapter, console)
+        rows += [row] if row else []
+    return rows

@@ -1,0 +1,3 @@
+"""Using a fine-tune: chat sessions (chat.py) and the chat command's loop (repl.py), eval of
+base vs fine-tune (evaluation.py) and its arithmetic (scoring.py).
+Imports runs/ (a run's model), train/ (validation loss) and what comes before."""

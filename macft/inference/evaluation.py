@@ -1,0 +1,247 @@
+"""The eval command: base vs fine-tune loss, generated answers, forgetting and overfitting."""
+
+import contextlib
+import json
+import time
+from pathlib import Path
+
+from mlx_lm import stream_generate
+from mlx_lm.sample_utils import make_sampler
+from rich.console import Console
+from rich.table import Table
+
+from macft import device
+from macft.atomic import atomic_write_json, atomic_write_text
+from macft.config.schema import DataConfig, TrainConfig
+from macft.data.heldout import general_examples, load_eval_data, loss_examples, make_cases
+from macft.data.heldout import target_tokens as count_targets
+from macft.errors import MacftError, RunError
+from macft.inference.scoring import SCORERS, forgetting, overfitting, perplexity
+from macft.lora.apply import lora_disabled
+from macft.runs.folder import RunDir
+from macft.runs.model import load_run_model
+from macft.train.evaluate import evaluate
+
+METRICS = ("loss", *SCORERS)
+SIDES = ("base", "fine_tune")
+MARGIN = 16  # generated tokens allowed beyond the reference's length
+
+
+def parse_metrics(value: str) -> list[str]:
+    """'exact,f1' -> the generation metrics asked for; 'loss' alone means no generation."""
+    names = [v.strip().lower() for v in value.split(",") if v.strip()]
+    if "all" in names:
+        names = list(METRICS)
+    bad = [n for n in names if n not in METRICS]
+    if bad or not names:
+        raise MacftError(
+            f"--metric {value!r}: unknown {', '.join(bad) or '(empty)'}; use loss, exact, "
+            "contains, f1 or all (comma-separated; loss and perplexity are always reported)"
+        )
+    return [n for n in SCORERS if n in names]
+
+
+def open_run(path: str) -> RunDir:
+    p = Path(path).expanduser()
+    run = RunDir(p)
+    if not p.is_dir():
+        raise RunError(f"{p}: no such run folder; give the --out folder of a macft train run")
+    if not run.holds_run():
+        raise RunError(
+            f"{p} holds no run (no recipe.yaml, adapters or checkpoints); "
+            "give the --out folder of a macft train run"
+        )
+    return run
+
+
+def side_losses(model, examples, batch_size: int, pad_id: int) -> dict:
+    """Token-weighted mean loss and perplexity, LoRA off (base) and on (fine-tune)."""
+    out = {}
+    for side in SIDES:
+        with lora_disabled(model) if side == "base" else contextlib.nullcontext():
+            loss = evaluate(model, examples, batch_size, pad_id)
+        out[side] = {"loss": loss, "perplexity": perplexity(loss)}
+    return out
+
+
+def generate(model, tokenizer, case, lora: bool) -> str:
+    """A greedy answer, bounded by the reference's length plus a margin."""
+    budget = len(tokenizer.encode(case.reference, add_special_tokens=False)) + MARGIN
+    text, sampler = "", make_sampler(temp=0.0)
+    with lora_disabled(model) if not lora else contextlib.nullcontext():
+        for r in stream_generate(
+            model, tokenizer, case.prompt_ids, max_tokens=budget, sampler=sampler
+        ):
+            text += r.text
+            # Text data has no end-of-turn token: a one-line answer ends at the line break.
+            if case.one_line and "\n" in text.lstrip():
+                break
+    text = text.strip()
+    return text.split("\n", 1)[0].strip() if case.one_line else text
+
+
+def score_cases(cm, cases, scorers, case_sensitive: bool, console: Console) -> list[dict]:
+    rows = []
+    with console.status("generating ...") as status:
+        for n, case in enumerate(cases, 1):
+            status.update(f"generating answers: {n}/{len(cases)}")
+            row = {"line": case.index, "prompt": case.prompt, "reference": case.reference}
+            for side in SIDES:
+                answer = generate(cm.model, cm.tokenizer, case, side == "fine_tune")
+                scores = {m: f(answer, case.reference, case_sensitive) for m, f in scorers.items()}
+                row[side] = {"answer": answer, **scores}
+            rows.append(row)
+    return rows
+
+
+def mean_scores(rows: list[dict], scorers) -> dict:
+    return {side: {m: sum(r[side][m] for r in rows) / len(rows) for m in scorers} for side in SIDES}
+
+
+def run_eval(
+    run_path: str,
+    data: str,
+    metric: str = "loss",
+    limit: int | None = None,
+    split_on: str = "A: ",
+    case_sensitive: bool = False,
+    forget_threshold: float = 10.0,
+    checkpoint: str | None = None,
+    model: str | None = None,
+    console: Console | None = None,
+) -> dict:
+    console = console or Console()
+    wanted = parse_metrics(metric)
+    run = open_run(run_path)
+    records, fmt = load_eval_data(data, limit)
+    recipe = run.recipe() if run.recipe_path.is_file() else {}
+    d, t = recipe.get("data") or {}, recipe.get("train") or {}
+    max_len = d.get("max_seq_length", DataConfig.max_seq_length)
+    system, batch_size = d.get("system"), t.get("batch_size", TrainConfig.batch_size)
+
+    device.set_wired_limit()
+    with console.status(f"loading {run.path} ..."):
+        cm = load_run_model(str(run.path), model, checkpoint)
+    for note in cm.notes:
+        console.print(f"[yellow]note:[/] {note}")
+    started = time.time()
+    examples = loss_examples(records, fmt, cm.tokenizer, max_len, system)
+    if not examples:
+        raise MacftError(f"{data}: no example keeps a target token within {max_len} tokens")
+    held, forgot = losses(cm, examples, batch_size, max_len, forget_threshold, console)
+    summary = {
+        "data": str(data),
+        "format": fmt,
+        "lines": len(records),
+        "limit": limit,
+        "adapters": str(cm.adapters),
+        "checkpoint": checkpoint or "final",
+        "loss": held,
+        "forgetting": forgot,
+        "overfitting": overfitting(run.read_metrics()),
+    }
+    out_dir = run.path / "eval"
+    out_dir.mkdir(exist_ok=True)
+    stem = Path(data).stem + (f"@{checkpoint}" if checkpoint else "")
+    per_example = out_dir / f"{stem}.jsonl"
+    if wanted:
+        cases, skipped = make_cases(records, fmt, cm.tokenizer, split_on, system)
+        rows = score_cases(cm, cases, SCORERS, case_sensitive, console)  # all: cheap once answered
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        atomic_write_text(per_example, text)
+        summary["generation"] = {
+            "metrics": wanted,
+            "examples": len(rows),
+            "skipped": skipped,
+            "split_on": split_on if fmt == "text" else None,
+            "case_sensitive": case_sensitive,
+            "max_new_tokens": f"reference tokens + {MARGIN}",
+            "per_example": str(per_example.relative_to(run.path)),
+            **mean_scores(rows, SCORERS),
+        }
+    summary["seconds"] = round(time.time() - started, 1)
+    summary_path = out_dir / f"{stem}.summary.json"
+    atomic_write_json(summary_path, summary)
+    print_summary(summary, console)
+    console.print(f"saved: {summary_path}" + (f"  answers: {per_example}" if wanted else ""))
+    return summary
+
+
+def losses(cm, examples, batch_size: int, max_len: int, threshold: float, console):
+    """(held-out loss of base and fine-tune, the forgetting check on general English)."""
+    tok = cm.tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    with console.status(f"held-out loss on {len(examples)} examples ..."):
+        held = side_losses(cm.model, examples, batch_size, pad_id)
+    held["examples"], held["target_tokens"] = len(examples), count_targets(examples)
+    general = general_examples(tok, max_len)
+    with console.status(f"forgetting check on {len(general)} general paragraphs ..."):
+        gen_loss = side_losses(cm.model, general, batch_size, pad_id)
+    forgot = forgetting(
+        gen_loss["base"]["perplexity"], gen_loss["fine_tune"]["perplexity"], threshold
+    )
+    forgot["paragraphs"] = len(general)
+    return held, forgot
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.4g}"
+
+
+def _pct(before, after) -> str:
+    if before is None or after is None or before == 0:
+        return "-"
+    return f"{100 * (after - before) / before:+.1f}%"
+
+
+def print_summary(s: dict, console: Console) -> None:
+    table = Table(
+        title=f"{s['data']} ({s['loss']['examples']} examples, checkpoint {s['checkpoint']})"
+    )
+    for col in ("", "base", "fine-tune", "change"):
+        table.add_column(col, justify="right" if col else "left")
+    b, f = s["loss"]["base"], s["loss"]["fine_tune"]
+    table.add_row("held-out loss", _fmt(b["loss"]), _fmt(f["loss"]), _pct(b["loss"], f["loss"]))
+    table.add_row(
+        "perplexity",
+        _fmt(b["perplexity"]),
+        _fmt(f["perplexity"]),
+        _pct(b["perplexity"], f["perplexity"]),
+    )
+    g = s.get("generation")
+    if g:
+        for m in g["metrics"]:
+            bb, ff = g["base"][m], g["fine_tune"][m]
+            table.add_row(
+                f"{m} ({g['examples']} answers)",
+                f"{bb:.1%}",
+                f"{ff:.1%}",
+                f"{100 * (ff - bb):+.1f} pts",
+            )
+    fg = s["forgetting"]
+    table.add_row(
+        "general-text perplexity",
+        _fmt(fg["base_perplexity"]),
+        _fmt(fg["fine_tune_perplexity"]),
+        f"{fg['change_pct']:+.1f}%",
+    )
+    console.print(table)
+    if fg["warning"]:
+        console.print(
+            f"[yellow]warning:[/] perplexity on general English grew {fg['change_pct']:.1f}% "
+            f"(> {fg['threshold_pct']:g}%): the fine-tune is forgetting; try fewer steps, a lower "
+            "learning rate or a smaller lora.rank, or mix general data into the training set"
+        )
+    o = s["overfitting"]
+    if o["best_step"] is not None:
+        console.print(
+            f"best validation loss {o['best_val_loss']:.4f} at step {o['best_step']} (checkpoints/best)"
+        )
+    if o["overfitting"]:
+        a, z = o["window_steps"]
+        console.print(
+            f"[yellow]warning:[/] overfitting: from step {a} to {z} validation loss rose "
+            f"{o['val_change']:+.4f} while training loss fell {o['train_change']:+.4f}; "
+            f"the best adapters are in checkpoints/best (step {o['best_step']}): "
+            "eval them with --checkpoint best"
+        )

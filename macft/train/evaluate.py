@@ -1,0 +1,46 @@
+"""Validation loss: the token-weighted mean over a fixed, length-grouped order of the examples."""
+
+from macft.data.batches import batch_order, make_batch
+from macft.data.packing import packing_context
+from macft.train.loss import batch_loss
+
+
+def evaluate(
+    model,
+    valid_set,
+    batch_size: int,
+    pad_id: int,
+    max_batches: int = 0,
+    pack: bool = False,
+    loss_chunk: int = 0,
+    shard: tuple[int, int] = (0, 1),
+    reduce=None,
+):
+    """Token-weighted mean loss over the validation set (or its first max_batches batches).
+
+    Data parallel: shard=(rank, size) evaluates every size-th example of each batch and
+    reduce(loss sum, tokens) adds up the ranks' sums."""
+    if not valid_set:
+        return None
+    lengths = [len(e.ids) for e in valid_set]
+    batches = batch_order(len(valid_set), batch_size, 0, 0, lengths)  # fixed, length-grouped
+    if max_batches:
+        batches = batches[:max_batches]
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    try:
+        with packing_context(model, pack):
+            for idx in batches:
+                idx = idx[shard[0] :: shard[1]]
+                if not idx:
+                    continue
+                batch = make_batch([valid_set[i] for i in idx], pad_id, pack)
+                if batch.n_targets:
+                    total += batch_loss(model, batch, loss_chunk, grad=False).item()
+                    tokens += batch.n_targets
+    finally:
+        model.train(was_training)
+    if reduce is not None:
+        total, tokens = reduce(total, tokens)
+    return total / tokens if tokens else None

@@ -1,0 +1,2 @@
+"""Several Macs: ranks and collectives over mx.distributed (world.py), the launch through
+mlx.launch (hosts.py), and the watchdog for a peer that stops answering (watchdog.py)."""

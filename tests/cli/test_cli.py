@@ -1,0 +1,96 @@
+"""The train command driven through the CLI on a tiny model: run folder, metrics, errors."""
+
+import json
+
+import mlx_lm
+import pytest
+import yaml
+from click.testing import CliRunner
+from helpers import train_args, write_chat
+
+from macft.cli import cli
+
+
+def read_metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_writes_a_complete_run_folder(tiny_model_dir, tmp_path):
+    data = write_chat(tmp_path / "net.jsonl")
+    out = tmp_path / "runs" / "net"
+    args = train_args(tiny_model_dir, data, out, "--set", "train.iters=12")
+    result = CliRunner().invoke(cli, args + ["--set", "train.eval_every=6"])
+    assert result.exit_code == 0, result.output
+    for name in ("recipe.yaml", "adapters.safetensors", "adapter_config.json", "metrics.jsonl"):
+        assert (out / name).is_file(), name
+    assert any((out / "checkpoints").iterdir())
+    saved = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert saved["train"]["iters"] == 12 and saved["lora"]["rank"] == 4
+    rows = read_metrics(out)
+    for key in ("step", "train_loss", "learning_rate", "tokens_per_s", "peak_memory_gb"):
+        assert key in rows[0]
+    assert any("val_loss" in r for r in rows)
+    losses = [r["train_loss"] for r in rows if r.get("train_loss") is not None]
+    assert losses[-1] < losses[0]
+    # mlx-lm reads macft's adapters straight from the run folder
+    model, _ = mlx_lm.load(str(tiny_model_dir), adapter_path=str(out))
+    assert model is not None
+
+
+def test_existing_run_is_not_overwritten(tiny_model_dir, tmp_path):
+    data = write_chat(tmp_path / "net.jsonl")
+    out = tmp_path / "run"
+    args = train_args(tiny_model_dir, data, out, "--set", "train.iters=2")
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    before = (out / "adapters.safetensors").read_bytes()
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1
+    assert "--resume" in result.output and "Traceback" not in result.output
+    assert (out / "adapters.safetensors").read_bytes() == before
+
+
+def test_resume_continues_to_more_steps(tiny_model_dir, tmp_path):
+    data = write_chat(tmp_path / "net.jsonl")
+    out = tmp_path / "run"
+    first = CliRunner().invoke(cli, train_args(tiny_model_dir, data, out, "--set", "train.iters=4"))
+    assert first.exit_code == 0, first.output
+    result = CliRunner().invoke(
+        cli, ["train", "--resume", "--out", str(out), "--set", "train.iters=8"]
+    )
+    assert result.exit_code == 0, result.output
+    assert read_metrics(out)[-1]["step"] == 8
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--set", "lora.rnak=4"], "lora.rnak: unknown key; did you mean lora.rank?"),
+        (["--set", "lora.targets=[q_prj]"], "q_proj"),
+        (["--set", "train.iters=0"], "train.iters: must be >= 1"),
+    ],
+)
+def test_bad_input_is_one_clean_line(tiny_model_dir, tmp_path, extra, needle):
+    data = write_chat(tmp_path / "net.jsonl")
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli, train_args(tiny_model_dir, data, out, *extra))
+    assert result.exit_code == 1
+    assert needle in result.output
+    assert "Traceback" not in result.output
+    assert result.output.strip().splitlines()[-1].startswith("Error: ")
+    assert not (out / "adapters.safetensors").exists()
+
+
+def test_bad_data_line_names_file_and_line(tiny_model_dir, tmp_path):
+    data = write_chat(tmp_path / "net.jsonl", n=4)
+    with data.open("a") as f:
+        f.write('{"messages": [{"role": "user", "content": "hi"}\n')
+    result = CliRunner().invoke(cli, train_args(tiny_model_dir, data, tmp_path / "run"))
+    assert result.exit_code == 1
+    assert f"{data}:5" in result.output and "Traceback" not in result.output
+
+
+def test_missing_model_and_data(tmp_path):
+    result = CliRunner().invoke(cli, ["train", "--model", str(tmp_path / "nope"), "--data", "x"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    result = CliRunner().invoke(cli, ["train", "--data", "x.jsonl"])
+    assert "model.path: missing; pass --model PATH" in result.output

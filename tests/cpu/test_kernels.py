@@ -1,0 +1,60 @@
+"""MLX's CPU kernels built for AVX2/FMA through a g++ wrapper, in a kernel folder of their own."""
+
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from macft.cpu import kernels
+from macft.cpu.process import describe
+
+needs_gxx = pytest.mark.skipif(
+    platform.machine() != "x86_64" or shutil.which("g++") is None, reason="x86-64 with g++ only"
+)
+
+
+@pytest.fixture
+def native_env(monkeypatch, tmp_path):
+    """A CPU that reports AVX2/FMA, and a home and temp folder of the test's own."""
+    monkeypatch.setattr(kernels, "_cpu_flags", lambda: set(kernels.NATIVE_CPU_FLAGS) | {"sse2"})
+    monkeypatch.setattr(kernels.platform, "system", lambda: "Linux")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("PATH", os.environ["PATH"])
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.delenv(kernels.NO_NATIVE_KERNELS_ENV, raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    return tmp_path
+
+
+@needs_gxx
+def test_native_kernels_build_for_avx2_in_their_own_temp_folder(native_env):
+    assert not kernels.native_kernels()
+    assert kernels.use_native_kernels() and kernels.use_native_kernels()  # twice: no nesting
+    folders = os.environ["PATH"].split(os.pathsep)
+    wrapper = shutil.which("g++")
+    assert Path(wrapper).parent == native_env / "cache" / "macft" / "native-gxx"
+    assert folders.count(folders[0]) == 1
+    # the g++ MLX finds defines what -mavx2 -mfma turn on
+    macros = subprocess.run([wrapper, "-dM", "-E", "-x", "c++", "/dev/null"], text=True,
+                            capture_output=True, check=True).stdout  # fmt: skip
+    assert "__AVX2__" in macros and "__FMA__" in macros
+    # MLX's kernel cache ($TMPDIR/mlx) is not the one baseline-built kernels went to
+    assert Path(os.environ["TMPDIR"]) == native_env / f"macft-native-{os.getuid()}"
+    assert tempfile.gettempdir() == os.environ["TMPDIR"]
+    assert kernels.native_kernels() and "AVX2/FMA" in describe()
+
+
+@needs_gxx
+def test_native_kernels_opt_out_and_plain_cpus(native_env, monkeypatch):
+    path = os.environ["PATH"]
+    monkeypatch.setenv(kernels.NO_NATIVE_KERNELS_ENV, "1")
+    assert not kernels.use_native_kernels()
+    monkeypatch.delenv(kernels.NO_NATIVE_KERNELS_ENV)
+    monkeypatch.setattr(kernels, "_cpu_flags", lambda: {"sse2", "avx"})
+    assert not kernels.use_native_kernels()
+    assert os.environ["PATH"] == path and os.environ["TMPDIR"] == str(native_env)
+    assert "AVX2/FMA" not in describe()
