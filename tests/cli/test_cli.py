@@ -94,3 +94,25 @@ def test_missing_model_and_data(tmp_path):
     assert result.exit_code == 1 and "Traceback" not in result.output
     result = CliRunner().invoke(cli, ["train", "--data", "x.jsonl"])
     assert "model.path: missing; pass --model PATH" in result.output
+
+
+def test_only_commands_that_compute_set_up_the_process(monkeypatch, tmp_path):
+    """OpenBLAS's restart and the kernel wrapper are for train, chat, eval and fuse alone."""
+    import sys
+
+    from macft import cli as cli_package
+    from macft.cpu import process
+
+    computing = {name for name, c in cli.commands.items() if getattr(c, "computes", False)}
+    assert computing == {"train", "chat", "eval", "fuse"}
+    calls = []
+    monkeypatch.setattr(process, "prepare", lambda: calls.append(sys.argv[1]))
+    for argv, prepared in ((["runs", "--json", str(tmp_path)], []), (["--version"], [])):
+        monkeypatch.setattr(sys, "argv", ["macft", *argv])
+        with pytest.raises(SystemExit):
+            cli_package.main()
+        assert calls == prepared
+    monkeypatch.setattr(sys, "argv", ["macft", "train", "--help"])
+    with pytest.raises(SystemExit):
+        cli_package.main()
+    assert calls == ["train"]

@@ -12,6 +12,7 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from macft.data.dataset import DataReport, load_data
 from macft.data.encode import Example, encode_record
+from macft.data.heldout import make_case
 from macft.data.jsonl import read_jsonl
 from macft.errors import DataError
 
@@ -84,6 +85,32 @@ def test_completion_through_chat_template(tiny_tokenizer):
     ex = encode_record({"prompt": "What?", "completion": "That."}, "completion", tiny_tokenizer)
     assert "<|im_start|>user\nWhat?" in tiny_tokenizer.decode(ex.ids.tolist())
     assert runs(tiny_tokenizer, ex) == ["That.<|im_end|>"]
+
+
+class NoFlag:
+    """A tokenizer with a chat template but no has_chat_template flag to say so."""
+
+    def __init__(self, tokenizer):
+        self._tok = tokenizer
+
+    def __getattr__(self, name):
+        if name == "has_chat_template":
+            raise AttributeError(name)
+        return getattr(self._tok, name)
+
+
+@pytest.mark.parametrize("flag", [True, False])
+def test_eval_prompts_are_the_prompts_training_saw(flag):
+    """Train and eval decide alike whether completion data goes through the chat template: the
+    eval prompt is exactly the tokens before the first target of the training example."""
+    tok = TokenizerWrapper(build_tiny_hf_tokenizer())
+    tok = tok if flag else NoFlag(tok)
+    rec = {"prompt": "show routes in junos?", "completion": "show route"}
+    ex = encode_record(rec, "completion", tok)
+    case = make_case(1, rec, "completion", tok, "A: ")
+    first = int(np.argmax(ex.mask))
+    assert case.prompt.endswith("<|im_start|>assistant\n")  # through the template
+    assert list(ex.ids[:first]) == case.prompt_ids
 
 
 def test_completion_without_chat_template_is_plain_text():
