@@ -17,7 +17,8 @@ from macft.cli import cli
 from macft.errors import MacftError, RunError
 from macft.runs.folder import RunDir
 from macft.train.parallel import hosts
-from macft.train.parallel.world import PeerRun, World
+from macft.train.parallel.peer_run import PeerRun
+from macft.train.parallel.world import World
 
 QA = [
     ("show bgp summary in junos?", "show bgp summary"),

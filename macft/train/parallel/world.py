@@ -7,13 +7,13 @@ import os
 import signal
 import sys
 import time
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
 
 from macft.errors import DataError, MacftError, RunError
+from macft.train.parallel.peer_run import PeerRun
 from macft.train.parallel.watchdog import Watchdog
 
 # Set by mlx.launch (ring, JACCL) or mpirun: this process is one rank of a group.
@@ -195,88 +195,6 @@ def _during(what: str) -> str:
 
 
 SOLO = World()
-
-
-class PeerRun:
-    """The run folder as a rank other than 0 sees it: every write is rank 0's job, so this
-    writes nothing, reads nothing and holds no checkpoint; the trainer's sync() hands it rank
-    0's state. It has each method of RunDir (a test holds them equal), so a call that RunDir
-    lacks fails on every rank alike."""
-
-    def __init__(self, path):
-        self.path = Path(path)
-
-    # creating and opening
-    def holds_run(self) -> bool:
-        return False
-
-    def check_free(self) -> None:
-        pass
-
-    def create(self, recipe: dict, source: dict | None = None) -> None:
-        pass
-
-    def open(self) -> dict:
-        return {}
-
-    def open_for_resume(self, recipe: dict | None = None, write: bool = True) -> dict:
-        return {}
-
-    def save_recipe(self, recipe: dict) -> None:
-        pass
-
-    def recipe(self) -> dict:
-        return {}
-
-    def lock(self):
-        return contextlib.nullcontext(self)
-
-    def is_locked(self) -> bool:
-        return False
-
-    # state and metrics
-    @property
-    def state(self) -> dict:
-        return {}
-
-    def update_state(self, **fields) -> dict:
-        return {}
-
-    def append_metrics(self, record: dict) -> None:
-        pass
-
-    def read_metrics(self) -> list[dict]:
-        return []
-
-    def trim_metrics(self, max_step: int) -> None:
-        pass
-
-    # adapters and checkpoints
-    def write_adapters(self, weights: dict, config: dict | None, folder=None) -> None:
-        pass
-
-    def save_checkpoint(self, step, adapters, optimizer_state, state_dict, adapter_config=None):
-        return None
-
-    def check_space(self, nbytes: int, what: str) -> None:
-        pass
-
-    def list_checkpoints(self) -> list:
-        return []
-
-    def latest_checkpoint(self):
-        return None
-
-    @staticmethod
-    def load_checkpoint(folder):
-        raise RunError(f"{folder}: only rank 0 reads checkpoints; the others get its state")
-
-    @property
-    def best(self):
-        return None
-
-    def save_best(self, adapters: dict, adapter_config: dict | None, info: dict):
-        return None
 
 
 def peer_timeout() -> float:
