@@ -30,6 +30,11 @@ from macft.models.gguf_archs import unpermute_qk
 from macft.runs.folder import RunDir
 from macft.train.loop import TrainingCallback
 
+# The project's root, and the public data sets beside it (../shared/data; see its README).
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
 # from conftest.py
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 

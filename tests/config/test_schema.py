@@ -2,16 +2,16 @@
 trainer's settings are made from it."""
 
 import re
-from pathlib import Path
 
 import yaml
 from click.testing import CliRunner
+from helpers import ROOT
 
 from macft.cli import cli
 from macft.config import schema
 from macft.config.validate import validate
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+README = ROOT / "README.md"
 
 
 def readme_reference() -> str:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import build_tiny_hf_tokenizer
+from helpers import ROOT, SHARED_DATA, build_tiny_hf_tokenizer
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
 from macft.data.dataset import DataReport, load_data
@@ -16,8 +16,6 @@ from macft.data.heldout import make_case
 from macft.data.jsonl import read_jsonl
 from macft.errors import DataError
 
-ROOT = Path(__file__).resolve().parents[2]
-SHARED = ROOT / ".." / "shared" / "data"
 SYS = "You are terse."
 
 
@@ -384,7 +382,7 @@ def test_shipped_net_example_loads(tiny_tokenizer):
 
 
 def shared(name: str) -> Path:
-    path = SHARED / name
+    path = SHARED_DATA / name
     if not path.is_dir():
         pytest.skip(f"{path} is not here (only in the development checkout)")
     return path

@@ -1,14 +1,14 @@
 """The real SmolLM2-135M GGUF trained a few steps on WikiSQL through the CLI."""
 
 import json
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from helpers import SHARED_DATA
 
 from macft.cli import cli
 
-WIKISQL = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikisql"
+WIKISQL = SHARED_DATA / "wikisql"
 
 pytestmark = pytest.mark.real
 
