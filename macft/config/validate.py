@@ -18,9 +18,12 @@ def _check(dotted: str, spec: Key, value: Any) -> tuple[Any, str | None]:
     kind = spec.kind
     if value is None and kind.startswith("opt_"):
         return None, None
-    if kind in ("int", "opt_int"):
+    if kind == "auto_int" and value == "auto":
+        return value, None
+    if kind in ("int", "opt_int", "auto_int"):
         if isinstance(value, bool) or not isinstance(value, int):
-            return value, f"{dotted}: expected a whole number, got {value!r}"
+            auto = "'auto' or " if kind == "auto_int" else ""
+            return value, f"{dotted}: expected {auto}a whole number, got {value!r}"
     elif kind in ("float", "opt_float"):
         if isinstance(value, str):
             # YAML 1.1 reads 2e-4 (no dot) as text; take it as the number it plainly is.

@@ -64,6 +64,17 @@ def gguf_config(path: Path) -> dict:
     return archs.config_from_gguf(arch, meta, {t.name for t in reader.tensors}, path)
 
 
+# general.file_type of GGUFs whose weights mx.load reads as they are: bits (group size 32).
+KEPT_FILE_TYPES = {2: 4, 3: 4, 7: 8}  # Q4_0, Q4_1, Q8_0; others are re-quantized on load
+
+
+def gguf_kept_quantization(path: Path) -> tuple[int, int] | None:
+    """(bits, group size) a GGUF's weights keep in memory, or None when the recipe's apply."""
+    _check_magic(path)
+    bits = KEPT_FILE_TYPES.get(_metadata(_reader(path)).get("general.file_type"))
+    return (bits, GGUF_GROUP) if bits else None
+
+
 def gguf_tokenizer(path: Path):
     """The tokenizer a GGUF file carries."""
     _check_magic(path)

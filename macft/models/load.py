@@ -3,7 +3,6 @@
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlx.core as mx
 import mlx.nn as nn
 
 from macft import device
@@ -103,13 +102,17 @@ def load_base(
     on_mac, usable = device.mac_path(), device.usable_memory_bytes()
     chosen = choose_compute(compute, quant.float32_bytes(model), on_mac, usable)
     if chosen == "quantized":
-        if not on_mac:
-            # CPU quantized matmul is ~10x faster with float32 scales than float16 ones.
-            quant.cast_floats(model, mx.float32, lambda name: True)
+        # Every float (scales, biases, norms) in one dtype, so activations are that dtype
+        # throughout: a GGUF's f16 scales beside float32 norms made rms_norm, and all after
+        # it, float32. On a Mac bfloat16 (float16 overflows on Gemma); on a CPU float32:
+        # MLX's CPU quantized matmul is ~10x faster with float32 scales than 16-bit ones.
+        source["activations"] = "bfloat16" if on_mac else "float32"
     else:
         quant.dequantize(model, quant.FLOAT_DTYPES[chosen])
         config.pop("quantization", None)
         config.pop("quantization_config", None)
         config["torch_dtype"] = chosen
+        source["activations"] = chosen
+    quant.cast_floats(model, quant.FLOAT_DTYPES[source["activations"]], lambda name: True)
     source["compute"] = chosen
     return Base(model=model, tokenizer=tokenizer, config=config, source=source)

@@ -89,11 +89,9 @@ def train(
         raise DataError("no training examples left to train on; check the data file")
     if world.size > 1:
         cfg = replace(cfg, batch_size=cfg.batch_size * world.size)
-    speed = Speed.choose(cfg, model, world.size)
-    t = Training(model, train_set, valid_set, cfg, speed, run, pad_id, lora_info, world)
-    callback = callback or TrainingCallback()
-    experts = ExpertTracker(model, pad_id, cfg.moe_aux_loss)  # MoE: expert load, aux loss
-    with run.lock(), experts, Stepper(model, speed, pad_id, experts.loss(batch_loss)) as stepper:
+    t = Training(model, train_set, valid_set, cfg, run, pad_id, lora_info, world)
+    callback, stepper = callback or TrainingCallback(), t.stepper
+    with run.lock(), t.experts, stepper:
         t.start(resume)
         update = stepper.update_fn(t.optimizer, cfg.max_grad_norm)  # after the state is final
         callback.on_start(t.total, t.state.step)
@@ -119,7 +117,7 @@ def train(
                     t.state.commit(step, epoch, index, loss, n_targets, n_inputs, seconds)
                     t.clock.tick()
                 t.result.losses[step] = loss / max(n_targets, 1)
-                stop = t.after_step(step, lr, experts, callback)
+                stop = t.after_step(step, lr, callback)
                 if stop:
                     break
     return t.finish()
@@ -128,15 +126,12 @@ def train(
 class Training:
     """One call of train(): its settings, state, optimizer and run folder, and the loop's steps."""
 
-    def __init__(self, model, train_set, valid_set, cfg, speed, run, pad_id, lora_info, world):
-        self.model, self.valid_set, self.cfg, self.speed, self.run = (
-            model,
-            valid_set,
-            cfg,
-            speed,
-            run,
-        )
+    def __init__(self, model, train_set, valid_set, cfg, run, pad_id, lora_info, world):
+        self.model, self.valid_set, self.cfg, self.run = model, valid_set, cfg, run
         self.pad_id, self.world = pad_id, world
+        self.speed = Speed.choose(cfg, model, world.size)
+        self.experts = ExpertTracker(model, pad_id, cfg.moe_aux_loss)  # MoE: expert load, aux
+        self.stepper = Stepper(model, self.speed, pad_id, self.experts.loss(batch_loss))
         self.batches = Batches(train_set, cfg.batch_size, cfg.seed)
         self.total = total_steps(cfg, len(train_set))
         self.adapter_config = lora_info.adapter_config() if lora_info is not None else None
@@ -199,12 +194,15 @@ class Training:
 
     def validate(self) -> float | None:
         cfg, world = self.cfg, self.world
-        return evaluate(
-            self.model, self.valid_set, cfg.batch_size, self.pad_id, cfg.eval_batches,
-            self.speed.pack, cfg.loss_chunk, (world.rank, world.size), world.sum_eval,
-        )  # fmt: skip
+        try:
+            return evaluate(
+                self.model, self.valid_set, cfg.batch_size, self.pad_id, cfg.eval_batches,
+                self.speed.pack, self.speed.loss_chunk, (world.rank, world.size), world.sum_eval,
+            )  # fmt: skip
+        finally:
+            device.clear_cache()  # validation's shapes are not the training steps'; free them
 
-    def after_step(self, step: int, lr: float, experts, callback) -> bool:
+    def after_step(self, step: int, lr: float, callback) -> bool:
         """Evaluate, report and checkpoint as the settings ask; True to stop early."""
         cfg, st, last = self.cfg, self.state, step == self.total
         val, stop = None, False
@@ -217,7 +215,7 @@ class Training:
         self.clock.tick()
         if last or stop or val is not None or step % cfg.report_every == 0:
             record = st.report(lr, self.total, self.batches.per_epoch, val, final=last or stop)
-            record.update(experts.report())
+            record.update(self.experts.report(), **self.stepper.shapes())
             if stop:
                 record["stopped_early"] = self.result.stopped_early = True
             self.run.append_metrics(record)

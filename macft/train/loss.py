@@ -7,8 +7,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from macft import device
-from macft.cpu import fast_math
 from macft.data.batches import Batch
+from macft.train import fast_math
 
 
 @dataclass

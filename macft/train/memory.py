@@ -1,10 +1,8 @@
 """Predicted peak memory of a LoRA training step, split by cause, and the changes that make it fit."""
 
-import math
 from dataclasses import dataclass, field
 
-from macft.config.schema import LoraConfig, ModelConfig, TrainConfig
-from macft.errors import MacftError
+from macft.config.schema import AUTO_LOSS_CHUNK, LoraConfig, ModelConfig, TrainConfig
 from macft.models.shape import EXPERT_KEYS, SHARED_KEYS, Shape
 
 GB = 1e9
@@ -19,7 +17,9 @@ OVERHEAD_BYTES = int(0.6 * GB)
 # buffers where the eager ops overwrite their input. Measured on a CPU over hidden sizes
 # 64-576, 64-1024 tokens and 2-30 layers: +2-25% of the planned activations, the most on the
 # tiniest models (tests/test_memory_plan.py holds the plan to the measured peak).
-COMPILED_EXTRA = {True: 0.15, False: 0.25}  # by grad_checkpoint
+COMPILED_EXTRA = {True: 0.15, False: 0.25}  # by grad_checkpoint, float32 activations
+# With 16-bit activations (the Mac's path) the compiled step kept less than the eager one (its
+# fused kernels skip the float32 copies between ops): counted as no extra.
 
 
 @dataclass(frozen=True)
@@ -39,9 +39,11 @@ class Setup:
     group_size: int = ModelConfig.group_size
     act_bytes: int = 2  # activations: bfloat16 on a Mac's quantized base, float32 on CPU
     scale_bytes: int = 2  # quantization scales and biases
-    loss_chunk: int = TrainConfig.loss_chunk  # rows of logits at a time; 0 = all at once
+    loss_chunk: int = AUTO_LOSS_CHUNK["mac"]  # rows of logits at a time; 0 = all at once
     machines: int = 1  # data-parallel ranks, each with this batch (macft train --hosts)
-    lean: bool = False  # the CPU's lean ops: no n x n probabilities, less per norm and MLP
+    lean: tuple = ()  # lean ops (train/lean_ops.py): attention, norm, swiglu
+    dora: bool = LoraConfig.dora  # each adapted layer's weight, dequantized to float32
+    weights: int | None = None  # the base's bytes, measured on the loaded model
     compiled: bool = TrainConfig.compile  # the trainer's compiled step
 
 
@@ -57,6 +59,11 @@ class Plan:
     def mlx_peak(self) -> int:
         """What mx.get_peak_memory should report: every part but the process overhead."""
         return sum(v for k, v in self.parts.items() if k != "overhead")
+
+    @property
+    def step_bytes(self) -> int:
+        """What one step allocates and frees beyond the weights: MLX's cache need keep no more."""
+        return self.mlx_peak - self.parts["weights"]
 
     @property
     def total(self) -> int:
@@ -98,6 +105,8 @@ def _slots(shape: Shape, name: str) -> int:
 
 def weight_bytes(shape: Shape, setup: Setup) -> int:
     """The frozen base as it sits in memory: packed ints plus a scale and a bias per group."""
+    if setup.weights is not None:
+        return setup.weights
     n = shape.parameters()
     norms = (shape.norms * shape.layers + 1) * shape.hidden
     if setup.compute != "quantized":
@@ -127,17 +136,19 @@ def layer_activation_bytes(shape: Shape, setup: Setup, tokens: int, width: int) 
     h, a = shape.hidden, setup.act_bytes
     q_dim, kv_dim = shape.heads * shape.hd, shape.kv_heads * shape.hd
     lora = _lora_dims(shape, setup)
-    # Without checkpointing, the lean ops keep a norm's input only (its output is the next
-    # LoRA's input), no attention probabilities, and the MLP's gate, up and product.
-    lean = setup.lean and not setup.grad_checkpoint
-    norm_copies, mlp_copies = (2, 3) if lean else (3, 5)
+    # The lean ops (train/lean_ops.py) keep a norm's input only (its output is the next LoRA's
+    # input), no attention probabilities, and (without checkpointing) the MLP's gate, up and
+    # product.
+    lean = setup.lean
+    norm_copies = 2 if "norm" in lean else 3
+    mlp_copies = 3 if "swiglu" in lean and not setup.grad_checkpoint else 5
     per_token = a * (norm_copies * shape.norms * h + 2 * q_dim + 2 * kv_dim)
     per_token += a * mlp_copies * shape.mlp_width
     if shape.experts:
         # A copy of the input per routed expert (sorted by expert), the experts' outputs before
         # and after unsorting; the router's scores and probabilities.
         per_token += a * (3 * shape.active * h + 3 * shape.experts)
-    per_token += a * shape.heads * (1 if lean else width)
+    per_token += a * shape.heads * (1 if "attention" in lean else width)
     if shape.qk_norm:
         per_token += a * 2 * (q_dim + kv_dim)  # the normed queries and keys, and their inputs
     per_token += 4 * setup.rank * len(lora)  # x @ A is float32: LoRA weights are float32
@@ -159,8 +170,9 @@ def logits_bytes(shape: Shape, setup: Setup, tokens: int) -> int:
     cast = a * v if a < 4 else 0  # the head's output before the float32 cast
     if setup.loss_chunk:
         # MLX allocates an op's output when it queues the op, ahead of running it: measured,
-        # about 10 chunks' worth of n x V arrays are alive at once, and at most 3 per token.
-        rows = min(3 * tokens, 10 * setup.loss_chunk)
+        # about 640 rows of n x V arrays are alive at once (10 chunks of 64, 6 of 256), and at
+        # most 3 per token.
+        rows = min(3 * tokens, max(640, 6 * setup.loss_chunk))
         return rows * (4 * v + cast) + 2 * tokens * shape.hidden * a
     return tokens * (3 * 4 * v + cast)
 
@@ -175,13 +187,17 @@ def plan(shape: Shape, setup: Setup, usable: int | None = None) -> Plan:
         acts = adapted * 2 * h_bytes + layer
     else:
         acts = adapted * layer
-    # The backward pass of one layer holds gradients on top: of the softmax and the scores,
-    # of the MLP's gate and up outputs, of the layer's input and output.
+    # The backward pass of one layer holds gradients on top: of the softmax and the scores (the
+    # lean attention: its recomputed probabilities and their gradient, float32), of the MLP's
+    # gate and up outputs, of the layer's input and output.
     a = setup.act_bytes
-    acts += 2 * setup.batch_size * shape.heads * width * width * a
+    scores = 2 * 4 if "attention" in setup.lean else 2 * a
+    acts += scores * setup.batch_size * shape.heads * width * width
     acts += tokens * a * 2 * shape.mlp_width + 2 * h_bytes
-    if setup.compiled and not shape.experts:  # MoE steps run uncompiled (train/speed.py)
+    if setup.compiled and not shape.experts and a == 4:  # MoE steps run uncompiled
         acts = int(acts * (1 + COMPILED_EXTRA[setup.grad_checkpoint]))
+    if setup.dora:  # each DoRA layer's float32 weight and adapted weight, one layer at a time
+        acts += 2 * 4 * max(d_in * d_out for d_in, d_out in _lora_dims(shape, setup))
     p = lora_params(shape, setup)
     logits = logits_bytes(shape, setup, tokens)
     # AdamW: parameters, m and v persist (12 bytes a parameter). The backward pass adds this
@@ -203,20 +219,6 @@ def plan(shape: Shape, setup: Setup, usable: int | None = None) -> Plan:
 def usable_for(ram_bytes: float) -> int:
     """Metal's recommended working set on a Mac with this much memory: about 2/3 up to 36 GB."""
     return int(ram_bytes * (2 / 3 if ram_bytes <= 36e9 else 3 / 4))
-
-
-def parse_size(text: str) -> int:
-    """'24GB', '24', '24 GiB', '16000MB' -> bytes (GB = 1e9; GiB = 2**30)."""
-    t = str(text).strip().upper().replace(" ", "")
-    units = {"GIB": 2**30, "GB": 1e9, "G": 1e9, "MIB": 2**20, "MB": 1e6, "M": 1e6}
-    unit = next((u for u in units if t.endswith(u)), "")
-    try:
-        size = int(float(t[: len(t) - len(unit)]) * units.get(unit, 1e9))
-    except ValueError:
-        size = 0
-    if size <= 0:
-        raise MacftError(f"--memory {text!r}: not a memory size; write it like 24GB, 16GiB or 32")
-    return size
 
 
 def target_keys(targets, router: bool = False) -> tuple:
@@ -248,8 +250,3 @@ def target_keys(targets, router: bool = False) -> tuple:
         else:  # a bare leaf: the dense linear, and on an MoE model the experts' and shared one
             keys += [leaf, f"experts.{leaf}", f"shared.{leaf}"]
     return tuple(dict.fromkeys([*keys, *extra]))
-
-
-def padded(n: int, pad_to: int = 32) -> int:
-    """The trainer pads rows to a multiple of 32 tokens (few shapes, few compiles)."""
-    return max(pad_to, math.ceil(n / pad_to) * pad_to)

@@ -4,18 +4,21 @@ import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from mlx.utils import tree_flatten
+
 from macft import device
 from macft.config import schema
 from macft.config.recipes import load_recipe, resolve_data_path, shipped_recipes
-from macft.data.batches import round_up
+from macft.data.batches import width_bucket
 from macft.data.dataset import load_data
 from macft.data.jsonl import read_jsonl
 from macft.errors import MacftError, ModelError
 from macft.models import catalog, hub, resolve_model_path
-from macft.models.gguf import gguf_config, gguf_tokenizer
+from macft.models.gguf import gguf_config, gguf_kept_quantization, gguf_tokenizer
 from macft.models.load import choose_compute
 from macft.models.shape import Shape
 from macft.train import memory as mp
+from macft.train.lean_ops import lean_ops
 
 CHARS_PER_TOKEN = 3.5  # English and code with a 32k-150k BPE vocabulary: about 3.5 characters
 
@@ -33,6 +36,18 @@ def model_shape(path: str) -> tuple[Shape, str]:
             raise ModelError(f"{p}: cannot read config.json ({e})") from None
         return Shape.from_config(config), str(p)
     return Shape.from_config(gguf_config(p)), str(p)
+
+
+def kept_quantization(path: str) -> tuple[int, int] | None:
+    """(bits, group size) the model's file keeps when it loads, when that is its own (a GGUF)."""
+    entry = catalog.lookup(path)
+    if entry is not None and entry.pypi is None and not Path(path).exists():
+        return None  # a Hugging Face repo: quantized to the recipe's bits as it loads
+    try:
+        p = resolve_model_path(path)
+    except ModelError:
+        return None
+    return None if p.is_dir() else gguf_kept_quantization(p)
 
 
 def local_tokenizer(path: str):
@@ -99,10 +114,11 @@ def setup_for(recipe: dict, seq_len: int, compute: str, on_mac: bool, machines: 
         group_size=m.group_size,
         act_bytes=act_bytes,
         scale_bytes=scale_bytes,
-        loss_chunk=t.loss_chunk,
+        loss_chunk=schema.resolve_loss_chunk(t.loss_chunk, on_mac),
         compiled=t.compile,  # the trainer compiles no MoE step: see plan(), shape.experts
         machines=machines,
-        lean=not on_mac,  # the CPU's lean ops (train/speed.py)
+        lean=lean_ops(on_mac, t.grad_checkpoint),  # as the trainer's speed stack picks them
+        dora=lo.dora,
     )
 
 
@@ -124,7 +140,7 @@ def make_plan(
 
 def longest(lengths: list[int], max_seq_length: int) -> int:
     """The widest row the trainer will build: the longest example, padded to 32."""
-    return round_up(max(1, min(max(lengths, default=1), max_seq_length) - 1))
+    return width_bucket(max(1, min(max(lengths, default=1), max_seq_length) - 1))
 
 
 def fit_changes(recipe: dict, plan: mp.Plan) -> list[tuple[str, object]]:
@@ -148,7 +164,7 @@ def fit_changes(recipe: dict, plan: mp.Plan) -> list[tuple[str, object]]:
     seq = recipe["data"]["max_seq_length"]
     while seq > 256:
         seq //= 2
-        trial = replace(s, seq_len=min(s.seq_len, round_up(seq)))
+        trial = replace(s, seq_len=min(s.seq_len, width_bucket(seq)))
         if mp.plan(plan.shape, trial, plan.usable).fits:
             return changes + [("data.max_seq_length", seq)]
     s = replace(s, seq_len=min(s.seq_len, 256))
@@ -178,14 +194,21 @@ def default_recipe(model: str | None) -> str | None:
 
 
 def check_before_training(
-    recipe: dict, config: dict, source: dict, lengths, console, force, machines: int = 1
+    recipe: dict, config: dict, source: dict, lengths, console, force, machines=1, model=None
 ):
-    """Print the plan for the loaded model; refuse on Metal when it cannot fit (unless --force)."""
+    """Print the plan for the loaded model; refuse on a Mac when it cannot fit (unless --force).
+
+    With the model at hand the plan counts its real weights (a GGUF's group size and 8-bit
+    embedding, its dtypes) and the activations' real dtype, not the recipe's guess of them.
+    """
     on_mac = device.mac_path()
     usable = device.usable_memory_bytes()
     shape = Shape.from_config(config)
     seq = longest(lengths, recipe["data"]["max_seq_length"])
     setup = setup_for(recipe, seq, source.get("compute", "quantized"), on_mac, machines)
+    if model is not None:
+        act = FLOAT_BYTES.get(source.get("activations"), setup.act_bytes)
+        setup = replace(setup, act_bytes=act, weights=frozen_bytes(model))
     plan = mp.plan(shape, setup, usable)
     console.print(plan.summary())
     if plan.fits:
@@ -199,6 +222,15 @@ def check_before_training(
         )
     console.print(f"[yellow]warning:[/] the plan exceeds usable memory; {advice}")
     return plan
+
+
+FLOAT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def frozen_bytes(model) -> int:
+    """Bytes of the model's frozen parameters (the base as it sits in memory, LoRA aside)."""
+    trainable = {k for k, _ in tree_flatten(model.trainable_parameters())}
+    return sum(v.nbytes for k, v in tree_flatten(model.parameters()) if k not in trainable)
 
 
 def set_flags(changes: list[tuple[str, object]]) -> str:
@@ -229,10 +261,12 @@ def plan_recipe(model, data, recipe_arg, sets, memory: str | None, machines: int
     recipe["data"]["path"] = resolve_data_path(recipe["data"]["path"], origin)
     m = recipe["model"]["path"]
     shape, shape_from = model_shape(m)
+    if kept := kept_quantization(m):  # a GGUF's own 4/8 bits in groups of 32, not the recipe's
+        recipe["model"].update(bits=kept[0], group_size=kept[1])
     lengths, how = data_lengths(recipe, local_tokenizer(m))
     seq = longest(lengths, recipe["data"]["max_seq_length"])
     if memory:
-        ram = mp.parse_size(memory)
+        ram = device.parse_size(memory)
         usable, on_mac, where = mp.usable_for(ram), True, f"a {mp.gb(ram)} Mac"
     else:
         usable, on_mac, where = device.usable_memory_bytes(), device.mac_path(), "here"

@@ -140,9 +140,10 @@ def run_train(recipe_arg, sets, shorthands: dict, resume: bool, console: Console
     speed = Speed.choose(cfg, base.model, world.size)
     model_type = base.config.get("model_type")
     console.print(f"speed: {speed.describe(cfg, model_type, base.source['compute'])}")
-    plan.check_before_training(
-        recipe, base.config, base.source, rep.lengths, console, force, machines=world.size
+    step_plan = plan.check_before_training(
+        recipe, base.config, base.source, rep.lengths, console, force, world.size, base.model
     )
+    device.limit_cache(step_plan.step_bytes)
 
     pad_id = base.tokenizer.pad_token_id
     if pad_id is None:

@@ -18,13 +18,13 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from macft import device
-from macft.config.schema import TrainConfig
+from macft.config.schema import TrainConfig, resolve_loss_chunk
 from macft.cpu.blas import blas_threads
 from macft.cpu.dequant_matmul import float_matmuls
-from macft.cpu.lean_ops import lean_training
 from macft.cpu.streams import stream_count
 from macft.data.packing import packing_supported
 from macft.lora.moe import is_moe
+from macft.train.lean_ops import lean_ops, lean_training
 from macft.train.loss import batch_loss
 from macft.train.recompute import grad_checkpointing
 from macft.train.step import CompiledStep, accumulate, make_update
@@ -41,23 +41,22 @@ class Speed:
     loss_chunk: int = 0  # LM head + loss on target positions, this many at a time; 0: all
     grad_checkpoint: bool = False  # recompute each layer in the backward pass
     compiled: bool = False  # one mx.compile graph per batch shape
-    lean: bool = False  # the CPU's lean attention, RMSNorm and SwiGLU
+    lean: tuple = ()  # lean ops: attention, norm, swiglu (train/lean_ops.py)
     float_matmuls: bool = False  # a quantized base dequantized per matmul (CPU BLAS)
     streams: int = 1  # CPU streams each micro-batch is split over; 1: not split
 
     @classmethod
     def choose(cls, cfg: TrainConfig, model: nn.Module, world_size: int = 1) -> "Speed":
         """What a run with these settings does on this machine."""
-        quantized = is_quantized(model)
-        on_cpu = not device.mac_path()
+        quantized, mac = is_quantized(model), device.mac_path()
         return cls(
             pack=cfg.pack and packing_supported(model),
-            loss_chunk=cfg.loss_chunk,
+            loss_chunk=resolve_loss_chunk(cfg.loss_chunk, mac),
             grad_checkpoint=cfg.grad_checkpoint,
             # MoE models train uncompiled: the expert counts are read out of the forward pass.
             compiled=cfg.compile and not is_moe(model),
-            lean=on_cpu,
-            float_matmuls=on_cpu,  # finds nothing to dequantize on a float base
+            lean=lean_ops(mac, cfg.grad_checkpoint),
+            float_matmuls=not mac,  # finds nothing to dequantize on a float base
             streams=stream_count(cfg, world_size, quantized),
         )
 
@@ -73,7 +72,9 @@ class Speed:
         parts = [rows, loss or "full logits"]
         if self.compiled:
             parts.append("one compiled step per batch shape (train.compile)")
-        if not device.mac_path():
+        if device.simulated():
+            parts.append("the Mac's path on a CPU (MACFT_MAC_PATH): slow, for testing")
+        elif not device.mac_path():
             if compute == "quantized":
                 parts.append("quantized weights dequantized per matmul for the CPU's BLAS")
             else:
@@ -121,6 +122,10 @@ class Stepper:
                 self.step_fn or self.loss_and_grad, self.model, batches, self.pad_id, seeds,
                 s.pack, s.loss_chunk, self.streams,
             )  # fmt: skip
+
+    def shapes(self) -> dict:
+        """{"compiled_shapes": traces so far} for the metrics, when the step is compiled."""
+        return {"compiled_shapes": len(self.step_fn.shapes)} if self.step_fn else {}
 
     def update_fn(self, optimizer, max_grad_norm: float):
         """update(gradient sums, target tokens), compiled with the step (see make_update)."""

@@ -8,18 +8,19 @@ import mlx.core as mx
 import mlx.optimizers as optim
 from mlx.utils import tree_map
 
-from macft.data.batches import Batch, make_batch, round_up
+from macft.data.batches import Batch, make_batch
 from macft.data.packing import PackedCache, packing_context
 
-# The gathered loss positions are padded (with weight 0) to a multiple of this, so a data set
-# needs few shapes: each new shape is traced and compiled again (about 0.5 s on a CPU).
-INDEX_MULTIPLE = 32
 
+def pad_index(batch: Batch) -> Batch:
+    """The batch with its loss positions padded (with weight 0) to half or all of its tokens.
 
-def pad_index(batch: Batch, multiple: int = INDEX_MULTIPLE) -> Batch:
-    """The batch with its loss positions padded to a multiple: the extra ones weigh 0."""
-    n = batch.index.shape[0]
-    extra = round_up(n, multiple) - n
+    So the positions add at most two shapes per (rows, width): each new shape is traced and
+    compiled again (~0.3 s and a few MB kept for the run), and with a multiple of 32 a long run
+    met hundreds of shapes. The head's matmuls on the extra positions are the price.
+    """
+    n, cap = batch.index.shape[0], batch.inputs.size
+    extra = (cap // 2 if n <= cap // 2 else cap) - n
     weights = mx.concatenate([mx.ones((n,), mx.float32), mx.zeros((extra,), mx.float32)])
     index = mx.concatenate([batch.index, mx.zeros((extra,), batch.index.dtype)])
     return replace(batch, index=index, weights=weights)

@@ -134,6 +134,7 @@ def test_metal_refuses_a_plan_beyond_the_working_set(monkeypatch):
     assert "--set train.batch_size=1 --set train.grad_accumulation=4" in msg and "--force" in msg
 
 
+@pytest.mark.path("cpu")
 def test_force_and_cpu_only_warn(monkeypatch):
     total = plan_total(monkeypatch)
     for metal, force in ((True, True), (False, False)):

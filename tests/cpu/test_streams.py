@@ -21,9 +21,9 @@ from macft import device
 from macft.config.schema import LoraConfig
 from macft.cpu import streams as cpu_streams
 from macft.cpu.blas import blas_threads
-from macft.cpu.lean_ops import lean_training
 from macft.cpu.streams import stream_count
 from macft.lora.apply import apply_lora
+from macft.train.lean_ops import lean_training
 from macft.train.loss import batch_loss
 from macft.train.speed import Speed
 from macft.train.step import CompiledStep, accumulate
@@ -44,7 +44,7 @@ def test_split_over_streams_gives_the_same_sums(compiled, pack):
     # 5 examples over 2 streams (3 + 2), then a micro-batch of 1 that is not split
     batches = [counting_examples(5, seed=3), counting_examples(1, seed=4)]
     streams = [mx.new_stream(mx.cpu) for _ in range(2)]
-    with lean_training(model, True):
+    with lean_training(model):
         step = CompiledStep(eager, model) if compiled else eager
         one, n1, i1 = _sums(model, step, batches, None, pack)
         two, n2, i2 = _sums(model, step, batches, streams, pack)
@@ -54,6 +54,7 @@ def test_split_over_streams_gives_the_same_sums(compiled, pack):
         assert len({key[1] for key in step.functions}) == 3
 
 
+@pytest.mark.path("cpu")
 def test_examples_are_split_only_when_every_core_gets_one(monkeypatch):
     monkeypatch.delenv(cpu_streams.NO_CPU_STREAMS_ENV, raising=False)
     monkeypatch.setattr(device, "metal_available", lambda: False)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from helpers import PAD, Ex, build_tiny_model, counting_examples, flat, trained_lora
 
-from macft.data.batches import collate, collate_packed, make_batch, plan_rows
+from macft.data.batches import collate, collate_packed, make_batch, plan_rows, width_bucket
 from macft.data.packing import packing_context, packing_supported, per_token_rope
 from macft.train.loss import batch_loss, ce_sum, fused_ce_sum, head_fn
 
@@ -107,13 +107,23 @@ def test_fused_chunked_cross_entropy_matches_full(kind):
 
 def test_plan_rows_is_deterministic_and_complete():
     lengths = [50, 10, 31, 64, 7, 7, 33]
-    width, rows = plan_rows(lengths, pad_to=32)
-    assert (width, rows) == plan_rows(lengths, pad_to=32)
+    width, rows = plan_rows(lengths)
+    assert (width, rows) == plan_rows(lengths)
     assert width % 32 == 0 and width >= 64
     assert sorted(i for r in rows for i in r) == list(range(len(lengths)))
     assert all(sum(lengths[i] for i in r) <= width for r in rows)
     assert len(rows) * width < len(lengths) * 64  # less padding than one example per row
     assert plan_rows([100] * 8, max_width=128)[0] == 128
+
+
+def test_widths_are_few_and_pad_little():
+    """Every width up to 4096 tokens falls in one of 40 buckets, each at most 12.5% padding."""
+    buckets = {width_bucket(n) for n in range(1, 4097)}
+    assert len(buckets) == 40 and max(buckets) == 4096
+    for n in range(1, 4097):
+        w = width_bucket(n)
+        assert w >= n and (w - n <= 32 or w - n < n / 8), n
+    assert sorted(buckets)[15:18] == [512, 576, 640]  # 32 apart up to 512, then 8 per doubling
 
 
 def test_collate_packed_layout():

@@ -34,7 +34,6 @@ GREEDY = ["--temp", "0", "--max-tokens", "12"]
 
 def train(model_dir, data, out, *sets):
     settings = {
-        "model.compute": "float32",
         "train.batch_size": 4,
         "train.grad_accumulation": 1,
         "train.grad_checkpoint": "false",

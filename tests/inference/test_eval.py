@@ -209,7 +209,6 @@ def tiny_run(tmp_path_factory):
     test = _write(root / "test.jsonl", [_chat(q, a) for q, a in QA])
     out = root / "run"
     sets = {
-        "model.compute": "float32",
         "train.batch_size": 4,
         "train.grad_accumulation": 1,
         "train.grad_checkpoint": "false",

@@ -178,7 +178,7 @@ def test_cli_trains_fuses_and_exports_an_moe_run(kind, tmp_path):
     model_dir = save_tiny_model_dir(tmp_path / "moe", model=model, **cfg)
     bpe_tokenizer()._tokenizer.save_pretrained(str(model_dir))
     data = write_chat(tmp_path / "qa.jsonl", 16, [("what is bgp", "a routing protocol")])
-    settings = {"model.compute": "float32", "train.batch_size": 4, "train.iters": 4,
+    settings = {"train.batch_size": 4, "train.iters": 4,
                 "train.grad_checkpoint": "false", "train.learning_rate": "2.0e-2",
                 "train.warmup": 0, "train.eval_every": 0, "train.save_every": 0,
                 "lora.rank": RANK, "lora.targets": "experts"}  # fmt: skip

@@ -50,6 +50,9 @@ def one_line_error(fn, *words):
 # ---- HF / MLX folders -------------------------------------------------------------------
 
 
+pytestmark = pytest.mark.path("cpu")  # load fidelity in float32; the Mac's dtypes: test_mac_path.py
+
+
 @pytest.mark.parametrize("bits,group,dtype", [(8, 32, mx.float32), (4, 64, mx.bfloat16)])
 def test_hf_float_folder_loads_quantized(tmp_path, bits, group, dtype):
     model = build_tiny_model()

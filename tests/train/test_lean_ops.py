@@ -11,12 +11,14 @@ from mlx_lm.models import activations
 from mlx_lm.models import base as mlx_lm_base
 
 from macft.config.schema import LoraConfig
-from macft.cpu import fast_math, lean_ops
-from macft.cpu.lean_ops import lean_training
 from macft.data.batches import collate, make_batch
 from macft.data.packing import PackedCache, packing_context
 from macft.lora.apply import apply_lora
+from macft.train import fast_math, lean_ops
+from macft.train.lean_ops import lean_training
 from macft.train.loss import batch_loss
+
+LEAN = ("attention", "norm", "swiglu")  # every lean op
 
 
 def grads_of(f, args):
@@ -111,7 +113,7 @@ def test_training_loss_and_gradients_unchanged(pack, model_type):
 
     loss0, g0 = nn.value_and_grad(model, reference)(model)
     module = sys.modules[type(model).__module__]
-    with packing_context(model, pack), lean_training(model, enabled=True):
+    with packing_context(model, pack), lean_training(model):
         assert module.scaled_dot_product_attention is not mlx_lm_base.scaled_dot_product_attention
         assert module.swiglu is not activations.swiglu
         batch = make_batch(data, PAD, pack=pack)
@@ -142,7 +144,7 @@ def test_lean_training_keeps_less_per_layer():
         model = build_tiny_model(num_hidden_layers=layers)
         model.freeze()
         apply_lora(model, LoraConfig(rank=4, alpha=8, dropout=0.0))
-        with lean_training(model, enabled=enabled):
+        with lean_training(model, LEAN if enabled else ()):
             step = nn.value_and_grad(model, lambda m: m(x).astype(mx.float32).logsumexp(-1).sum())
             mx.eval(step(model))  # warm up
             mx.clear_cache()

@@ -1,14 +1,13 @@
-"""Training ops that keep less for the backward pass on a CPU: attention, RMSNorm, SwiGLU."""
+"""Training ops that keep less for the backward pass: attention, RMSNorm, SwiGLU (see lean_ops)."""
 
 import contextlib
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from macft import device
-from macft.cpu import fast_math
 from macft.models.mlx_lm_compat import model_functions
 from macft.models.patching import swapped_classes
+from macft.train import fast_math
 
 # A masked score: large and negative, not -inf, so a row never becomes NaN.
 _MASKED = -1e30
@@ -155,23 +154,30 @@ def _sdpa(original):
     return sdpa
 
 
-@contextlib.contextmanager
-def lean_training(model, enabled: bool | None = None, checkpointing: bool = False):
-    """Use the lean ops in this model's forward pass for the duration (on a CPU by default).
+def lean_ops(mac: bool, checkpointing: bool) -> tuple[str, ...]:
+    """Which lean ops a training step uses.
 
-    With gradient checkpointing a layer keeps nothing anyway, and recomputing attention or
-    a norm twice would only cost time: then only the SwiGLU's faster form is used. On Metal,
-    MLX's fused kernels stay: they were not measured against these there.
+    On a CPU all three; with checkpointing a layer keeps nothing anyway, and recomputing
+    attention or a norm twice would only cost time, so only the SwiGLU's faster form. On the
+    Mac path attention alone: MLX does not use its fused attention while training on Metal (the
+    fused backward is not implemented), so every layer would keep heads x n x n probabilities
+    that the lean attention recomputes instead; Metal's own norm and SwiGLU kernels stay.
     """
-    if enabled is None:
-        enabled = not device.mac_path()
-    if not enabled:
-        yield
-        return
-    functions = {"swiglu": lambda _: _swiglu_in_checkpoint if checkpointing else swiglu}
-    norms = []
-    if not checkpointing:
+    if mac:
+        return ("attention",)
+    return ("swiglu",) if checkpointing else ("attention", "norm", "swiglu")
+
+
+@contextlib.contextmanager
+def lean_training(model, ops=("attention", "norm", "swiglu"), checkpointing: bool = False):
+    """Use the lean `ops` in this model's forward pass for the duration (see lean_ops)."""
+    functions = {}
+    if "swiglu" in ops:
+        functions["swiglu"] = lambda _: _swiglu_in_checkpoint if checkpointing else swiglu
+    if "attention" in ops:
         functions["scaled_dot_product_attention"] = _sdpa
+    norms = []
+    if "norm" in ops:
         norms = [m for _, m in model.named_modules() if type(m) is nn.RMSNorm]
     with model_functions(model, functions), swapped_classes(norms, lambda cls: _LeanRMSNorm):
         yield

@@ -1,0 +1,66 @@
+"""The Mac's path end to end on the real SmolLM2 GGUF: train -> chat -> eval -> fuse -> GGUF.
+
+The 4-bit base with bfloat16 activations through MLX's quantized matmuls, as on a Mac. On this
+CPU that matmul runs at ~0.2 GFLOP/s, so the run is one step on short rows, adapters on the last
+two layers only (the backward pass stops there), and eval's forgetting check reads a sentence.
+"""
+
+import json
+
+import mlx_lm
+import pytest
+from click.testing import CliRunner
+from gguf import GGUFReader
+
+from macft.cli import cli
+from macft.data import heldout
+from macft.inference import evaluation
+
+pytestmark = [pytest.mark.real, pytest.mark.path("mac")]
+
+QA = [
+    ("show bgp summary in junos?", "show bgp summary"),
+    ("show routes in junos?", "show route"),
+]
+
+
+def run_cli(*args):
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_train_chat_eval_fuse_on_the_macs_path(smollm2_gguf, tmp_path, monkeypatch):
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"prompt": q, "completion": a}) + "\n" for q, a in QA))
+    run = tmp_path / "run"
+    sets = {"train.iters": 1, "train.batch_size": 1, "train.grad_accumulation": 1,
+            "train.eval_every": 0, "train.save_every": 0, "data.valid_fraction": 0.0,
+            "data.max_seq_length": 48, "lora.rank": 4, "lora.layers": 2}  # fmt: skip
+    args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+    result = run_cli("train", "--model", smollm2_gguf, "--data", data, "--out", run, *args)
+    assert "the Mac's path on a CPU" in result.output
+    base = json.loads((run / "base.json").read_text())
+    assert (base["compute"], base["activations"]) == ("quantized", "bfloat16")
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["step"] == 1 and metrics[-1]["compiled_shapes"] == 1
+
+    answer = run_cli("chat", run, "--prompt", QA[0][0], "--temp", "0", "--max-tokens", "3")
+    assert answer.stdout.strip()
+
+    sentence = tmp_path / "general.txt"
+    sentence.write_text("The river runs past the old mill and into the sea.\n")
+    short = heldout.general_examples
+    monkeypatch.setattr(evaluation, "general_examples", lambda t, n: short(t, n, sentence))
+    run_cli("eval", run, "--data", data, "--limit", "1")
+    (summary,) = (run / "eval").glob("*.summary.json")
+    loss = json.loads(summary.read_text())["loss"]
+    assert 0 < loss["fine_tune"]["loss"] < 20 and loss["base"]["loss"] != loss["fine_tune"]["loss"]
+
+    run_cli("fuse", run)
+    model, tokenizer = mlx_lm.load(str(run / "export" / "mlx"))
+    assert tokenizer.encode("show route") and model.model.layers[29].self_attn.q_proj.weight.ndim
+    run_cli("fuse", run, "--gguf", "--quant", "q8_0")
+    (path,) = (run / "export").glob("*.gguf")
+    names = {t.name for t in GGUFReader(path).tensors}
+    assert "blk.29.attn_q.weight" in names and "output_norm.weight" in names
