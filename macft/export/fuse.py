@@ -8,7 +8,7 @@ from rich.console import Console
 
 from macft.errors import ExportError, ModelError, RunError
 from macft.export import ollama
-from macft.export.merge import DTYPES, REQUANT_GROUP, float_source, fuse_model, load_float_base
+from macft.export.merge import DTYPES, REQUANT_GROUP, float_source, load_float_base
 from macft.export.outputs import (
     Steps,
     adapter_base,
@@ -206,16 +206,12 @@ def _write(stage: Staging, cm, run: RunDir, plan: dict, dtype: str, name: str, s
         rows.append(row)
         modelfile_from = adapter_base(cm, cm.base_path)
         modelfile_adapter = f"./{row['file'].name}"
-    if plan["mlx"] or plan["gguf"]:
-        _, seconds = steps.run("fusing", lambda p: fuse_model(cm.model, DTYPES[dtype], p))
-        if plan["gguf"]:
-            quant = plan["gguf"]
-            row = write_gguf(stage, cm, f"{slug}-{quant}.gguf", quant, steps)
-            modelfile_from = f"./{row['file'].name}"
-        else:
-            row = write_mlx(stage, cm, dtype, plan["quantize"], steps)
-        row["seconds"] += seconds
+    if plan["gguf"]:  # the adapters are merged one tensor at a time as the file is written
+        row = write_gguf(stage, cm, f"{slug}-{plan['gguf']}.gguf", plan["gguf"], steps)
+        modelfile_from = f"./{row['file'].name}"
         rows.append(row)
+    elif plan["mlx"]:
+        rows.append(write_mlx(stage, cm, dtype, plan["quantize"], steps))
     if plan["gguf"] or plan["adapter_gguf"]:
         row = write_modelfile(stage, cm, modelfile_from, modelfile_adapter, console)
         rows += [row] if row else []

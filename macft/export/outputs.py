@@ -4,7 +4,6 @@ import json
 import time
 from pathlib import Path
 
-from mlx.utils import tree_flatten
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -12,8 +11,8 @@ from rich.table import Table
 from macft.atomic import human
 from macft.errors import ExportError, RunError
 from macft.export import ollama
-from macft.export.merge import REQUANT_GROUP, requantize
-from macft.export.mlx_folder import write_mlx_files
+from macft.export.merge import DTYPES, REQUANT_GROUP
+from macft.export.mlx_folder import write_fused
 from macft.export.staging import Staging
 from macft.lora.apply import lora_layers
 from macft.models import Base
@@ -101,25 +100,24 @@ def write_peft_folder(stage: Staging, cm, run: RunDir, steps: Steps) -> dict:
 
 
 def write_mlx(stage: Staging, cm, dtype: str, quantize: int | None, steps: Steps) -> dict:
+    """The fused model as an MLX folder, written tensor by tensor in shards."""
     tmp = stage.folder("mlx")
     config = dict(cm.config)
     config["torch_dtype"] = {"f16": "float16", "bf16": "bfloat16", "f32": "float32"}[dtype]
-    seconds = 0.0
     kind = f"MLX {dtype}"
     if quantize:
-        _, seconds = steps.run(
-            f"quantizing to {quantize} bits", lambda p: requantize(cm.model, quantize)
-        )
         kind = f"MLX {quantize}-bit (group {REQUANT_GROUP}, {dtype} scales)"
     base = Base(model=cm.model, tokenizer=cm.tokenizer, config=config, source=cm.source)
-    _, more = steps.run("writing the MLX folder", lambda p: write_mlx_files(tmp, base))
-    tensors = len(tree_flatten(cm.model.parameters()))
+    tensors, seconds = steps.run(
+        "merging and writing the MLX folder",
+        lambda p: write_fused(tmp, base, DTYPES[dtype], quantize, p),
+    )
     return {
         "file": stage.out / "mlx",
         "size": _folder_size(tmp),
         "type": kind,
         "tensors": tensors,
-        "seconds": seconds + more,
+        "seconds": seconds,
     }
 
 

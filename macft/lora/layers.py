@@ -40,7 +40,7 @@ class LoRALinear(nn.Module):
         self.lora_b = mx.zeros((rank, out_dims))  # zero: the wrapped layer starts equal to the base
         if dora:
             # DoRA's magnitude: the row norms of W, so that at init the output equals the base.
-            self.m = mx.linalg.norm(float_weight(linear).astype(mx.float32), axis=1)
+            self.m = mx.linalg.norm(float_weight(linear), axis=1)
 
     def _base_no_bias(self, x: mx.array) -> mx.array:
         lin = self.linear
@@ -64,7 +64,7 @@ class LoRALinear(nn.Module):
         out = self._base_no_bias(x) + (self.scale * z).astype(x.dtype)
         # Norm of each row of W + scale * (A @ B)^T; no gradient through it, as in DoRA's paper
         # and mlx-lm (it saves memory and keeps the update stable).
-        w = float_weight(self.linear).astype(mx.float32)
+        w = float_weight(self.linear)
         adapted = w + (self.scale * self.lora_b.T) @ self.lora_a.T
         denom = mx.stop_gradient(mx.linalg.norm(adapted, axis=1))
         out = (self.m / denom).astype(x.dtype) * out
@@ -79,7 +79,7 @@ class LoRALinear(nn.Module):
         (in, r) and lora_b (r, out), so the (out, in) update is (scale * B^T) @ A^T.
         """
         f32 = mx.float32
-        w = float_weight(self.linear).astype(f32)
+        w = float_weight(self.linear)
         w = w + (self.scale * self.lora_b.astype(f32).T) @ self.lora_a.astype(f32).T
         if self.dora:
             w = (self.m.astype(f32) / mx.linalg.norm(w, axis=1))[:, None] * w

@@ -48,14 +48,18 @@ class LoRASwitchLinear(nn.Module):
     def __call__(self, x, indices, sorted_indices=False):
         y = self.linear(x, indices, sorted_indices=sorted_indices)
         kw = {"rhs_indices": indices, "sorted_indices": sorted_indices}
-        z = mx.gather_mm(self.dropout(x), self.lora_a.swapaxes(-1, -2), **kw)
+        # In the adapters' float32, as x @ A promotes in a dense LoRA (and MLX's CPU gather_mm
+        # takes float32 only).
+        z = mx.gather_mm(
+            self.dropout(x).astype(self.lora_a.dtype), self.lora_a.swapaxes(-1, -2), **kw
+        )
         z = mx.gather_mm(z, self.lora_b.swapaxes(-1, -2), **kw)
         return y + (self.scale * z).astype(x.dtype)
 
     def merged_weight(self, dtype=mx.float32) -> mx.array:
         """W[e] + scale * B[e] @ A[e] for every expert, in float32, cast to dtype."""
         f32 = mx.float32
-        w = float_weight(self.linear).astype(f32)
+        w = float_weight(self.linear)
         delta = (self.scale * self.lora_b.astype(f32)) @ self.lora_a.astype(f32)
         return (w + delta).astype(dtype)
 

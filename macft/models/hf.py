@@ -83,8 +83,10 @@ def _source_dtype(weights: dict) -> str:
     return str(max(set(floats), key=floats.count)).replace("mlx.core.", "") if floats else "unknown"
 
 
-def load_folder(path: Path, bits: int | None, group_size: int = 64):
-    """-> (model, tokenizer, config, source); bits=None keeps a float folder's weights as they are."""
+def load_folder(path: Path, bits: int | None, group_size: int = 64, lazy: bool = False):
+    """-> (model, tokenizer, config, source); bits=None keeps a float folder's weights as they
+    are, and with lazy=True unread: each is read from disk when first used (fuse reads each
+    once, so a float base never sits in memory whole)."""
     config = read_config(path)
     files = weight_files(path)
     for f in files:
@@ -125,7 +127,8 @@ def load_folder(path: Path, bits: int | None, group_size: int = 64):
         raise ModelError(f"{path}: weights do not match config.json ({e})") from None
     del weights
     model.eval()
-    mx.eval(model.parameters())
+    if not lazy:
+        mx.eval(model.parameters())
     config = dict(config)
     if plan:
         config["quantization"] = quant.config_entry(plan)

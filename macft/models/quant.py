@@ -81,14 +81,17 @@ def config_entry(plan: dict) -> dict | None:
     return entry
 
 
-def float_weight(module: nn.Module) -> mx.array:
-    """A linear's, embedding's or stacked experts' weight as floats, dequantized if needed."""
+def float_weight(module: nn.Module, dtype=mx.float32) -> mx.array:
+    """A linear's, embedding's or stacked experts' weight as floats of dtype, dequantized if
+    needed: from scales and biases in dtype, so 16-bit scales do not round the result to 16
+    bits before it is cast (a merge into float32 stays float32-exact)."""
     if "scales" not in module:
-        return module.weight
+        return module.weight.astype(dtype)
+    biases = module.get("biases")
     return mx.dequantize(
         module.weight,
-        module.scales,
-        module.get("biases"),
+        module.scales.astype(dtype),
+        None if biases is None else biases.astype(dtype),
         group_size=module.group_size,
         bits=module.bits,
         mode=getattr(module, "mode", "affine"),
@@ -99,17 +102,17 @@ def dequantize(model: nn.Module, dtype) -> None:
     """Quantized layers -> plain Linear/Embedding of `dtype`, one layer at a time; other floats cast."""
     for path, m in list(model.named_modules()):
         if isinstance(m, nn.QuantizedLinear):
-            w = float_weight(m).astype(dtype)
+            w = float_weight(m, dtype)
             new = nn.Linear(w.shape[1], w.shape[0], bias="bias" in m)
             new.weight = w
             if "bias" in m:
                 new.bias = m.bias.astype(dtype)
         elif isinstance(m, nn.QuantizedEmbedding):
-            w = float_weight(m).astype(dtype)
+            w = float_weight(m, dtype)
             new = nn.Embedding(*w.shape)
             new.weight = w
         elif isinstance(m, QuantizedSwitchLinear):
-            w = float_weight(m).astype(dtype)
+            w = float_weight(m, dtype)
             new = SwitchLinear(w.shape[2], w.shape[1], w.shape[0], bias="bias" in m)
             new.weight = w
             if "bias" in m:

@@ -194,7 +194,7 @@ def _load_run(run: RunDir, model: str | None, checkpoint: str | None, loader) ->
             f"were these adapters trained on another model? Name that base: macft chat {run.path} "
             "--model PATH"
         ) from None
-    mx.eval(base.model.parameters())
+    mx.eval(base.model.trainable_parameters())  # the adapters; a lazy base stays unread
     base.model.eval()  # no LoRA dropout while generating
     system = (run.recipe().get("data") or {}).get("system") if run.recipe_path.is_file() else None
     return RunModel(

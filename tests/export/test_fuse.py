@@ -14,6 +14,7 @@ import yaml
 from click.testing import CliRunner
 from helpers import (
     CHATML,
+    TINY_CONFIG,
     build_tiny_hf_tokenizer,
     build_tiny_model,
     save_tiny_model_dir,
@@ -26,9 +27,10 @@ from mlx_lm.tokenizer_utils import TokenizerWrapper
 from macft.cli import cli
 from macft.config.schema import LoraConfig
 from macft.export import ollama, staging
-from macft.export.merge import fuse_model
+from macft.export.merge import fused_model
 from macft.lora.apply import apply_lora, lora_layers
 from macft.lora.layers import LoRALinear
+from macft.models import quant
 from macft.runs.model import load_run_model
 
 QA = [
@@ -63,9 +65,9 @@ def test_fused_float_model_gives_the_adapted_logits(dora):
     randomize(model, dora)
     expected = model(X)
     assert max_diff(expected, build_tiny_model()(X)) > 0.05  # the adapters do change the output
-    assert fuse_model(model, mx.float32) == 14
-    assert not any(isinstance(m, LoRALinear) for _, m in model.named_modules())
-    assert max_diff(model(X), expected) < F32_TOL
+    fused = fused_model(model, TINY_CONFIG, mx.float32)
+    assert not any("lora" in k or k.endswith(".m") for k, _ in tree_flatten(fused.parameters()))
+    assert max_diff(fused(X), expected) < F32_TOL
 
 
 @pytest.mark.parametrize("dora", [False, True])
@@ -86,11 +88,11 @@ def test_fused_4bit_base_equals_dequantized_base_plus_adapters(dora):
     by_hand = w + lora.scale * np.array(lora.lora_b).T @ np.array(lora.lora_a).T
     if dora:
         by_hand = (np.array(lora.m) / np.linalg.norm(by_hand, axis=1))[:, None] * by_hand
-    fuse_model(model, mx.float32)
-    assert not any(isinstance(m, nn.QuantizedLinear | LoRALinear) for _, m in model.named_modules())
-    assert max_diff(model(X), expected) < F32_TOL
+    fused = fused_model(model, TINY_CONFIG, mx.float32)
+    assert not any(isinstance(m, nn.QuantizedLinear | LoRALinear) for _, m in fused.named_modules())
+    assert max_diff(fused(X), expected) < F32_TOL
     # the update went into the dequantized values, never into the packed 4-bit integers
-    assert np.allclose(np.array(model.layers[0].self_attn.o_proj.weight), by_hand, atol=1e-5)
+    assert np.allclose(np.array(fused.layers[0].self_attn.o_proj.weight), by_hand, atol=1e-5)
 
 
 def test_merged_weight_is_the_lora_formula_with_bias():
@@ -111,9 +113,9 @@ def test_fuse_to_float16_stays_close():
     apply_lora(model, LoraConfig(rank=4, alpha=8, dropout=0.0))
     randomize(model, False)
     expected = model(X)
-    fuse_model(model, mx.float16)
-    assert {v.dtype for _, v in tree_flatten(model.parameters())} == {mx.float16}
-    logits = model(X)
+    fused = fused_model(model, TINY_CONFIG, mx.float16)
+    assert {v.dtype for _, v in tree_flatten(fused.parameters())} == {mx.float16}
+    logits = fused(X)
     assert max_diff(logits, expected) < 2e-2 * mx.abs(expected).max().item()
     assert (logits.argmax(-1) == expected.argmax(-1)).all().item()
 
@@ -182,14 +184,15 @@ def test_fuse_into_the_float_source_matches_mlx_lm_with_adapters(runs, kind, tmp
     assert "quantization" not in config and config["torch_dtype"] == "float32"
 
 
-def test_fuse_into_the_quantized_base_is_what_training_saw(runs, tmp_path, monkeypatch):
+def test_fuse_into_the_quantized_base_is_what_training_saw(runs, tmp_path):
     out = tmp_path / "export"
     result = fuse(runs["lora"], "--base-weights", "quantized", "--dtype", "f32", "--out", out)
     assert result.exit_code == 0, result.output
     assert "4-bit weights dequantized" in result.output
-    # the run's 4-bit base + its adapters, computed in float32 as the fused model is
-    monkeypatch.delenv("MACFT_MAC_PATH", raising=False)
+    # the run's 4-bit base (its scales as training had them) + its adapters, computed in
+    # float32 as the fused model is
     trained = load_run_model(str(runs["lora"]))
+    quant.cast_floats(trained.model, mx.float32, lambda name: True)
     fused, _ = mlx_lm.load(str(out / "mlx"))
     assert max_diff(logits_of(fused), logits_of(trained.model)) < F32_TOL
 

@@ -30,6 +30,7 @@ from macft.errors import ExportError
 from macft.export.gguf.adapter import export_adapter_gguf
 from macft.export.gguf.quant import decode
 from macft.export.gguf.writer import export_gguf
+from macft.export.merge import fused_model
 from macft.lora.apply import apply_lora
 from macft.models import load_base
 
@@ -272,12 +273,34 @@ def test_unknown_or_unfaithful_pre_tokenizer_is_refused(tok, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_model_with_unfused_or_dora_adapters_is_refused(tok, tmp_path):
+@pytest.mark.parametrize("dora", [False, True])
+def test_adapters_are_merged_as_the_file_is_written(tok, tmp_path, dora):
+    """A model with LoRA (or DoRA) layers writes the tensors of its fused model, each merged
+    when its turn comes: the same file as exporting the fused model held in memory."""
     config = tiny_config("llama")
     model = build_arch(config)
-    info = _with_adapter(model)
-    with pytest.raises(ExportError, match="fuse the adapters first"):
-        export_gguf(model, config, tok, HF, tmp_path / "x.gguf")
+    apply_lora(model, LoraConfig(rank=4, alpha=8, dora=dora, dropout=0.0))
+    for _, m in model.named_modules():
+        if hasattr(m, "lora_b"):
+            m.lora_b = mx.random.normal(m.lora_b.shape) * 0.1
+    export_gguf(model, config, tok, HF, tmp_path / "lazy.gguf", "f16")
+    export_gguf(
+        fused_model(model, config, mx.float32), config, tok, HF, tmp_path / "whole.gguf", "f16"
+    )
+    lazy = {t.name: np.array(t.data) for t in GGUFReader(tmp_path / "lazy.gguf").tensors}
+    whole = {t.name: np.array(t.data) for t in GGUFReader(tmp_path / "whole.gguf").tensors}
+    assert lazy.keys() == whole.keys() and not any("lora" in k for k in lazy)
+    for name in whole:
+        assert np.array_equal(lazy[name], whole[name]), name
+    plain = build_arch(config)
+    export_gguf(plain, config, tok, HF, tmp_path / "plain.gguf", "f16")
+    q = {t.name: np.array(t.data) for t in GGUFReader(tmp_path / "plain.gguf").tensors}
+    assert not np.array_equal(q["blk.0.attn_q.weight"], lazy["blk.0.attn_q.weight"])
+
+
+def test_model_with_unsupported_settings_is_refused(tok, tmp_path):
+    config = tiny_config("llama")
+    info = _with_adapter(build_arch(config))
     dora = build_arch(config)
     apply_lora(dora, LoraConfig(rank=4, alpha=8, dora=True, dropout=0.0))
     with pytest.raises(ExportError, match="DoRA"):

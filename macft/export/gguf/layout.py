@@ -9,10 +9,9 @@ import gguf
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten
 
 from macft.errors import ExportError
-from macft.lora.layers import ADAPTER_LEAVES
+from macft.export.merge import fused_parameters
 from macft.models.gguf_archs import permute_qk
 
 # mlx-lm's stacked experts (SwitchGLU) -> llama.cpp's merged expert tensors.
@@ -214,34 +213,6 @@ def llama3_rope_factors(hp: dict) -> np.ndarray | None:
     return np.array(out, dtype=np.float32)
 
 
-def _float_params(model: nn.Module) -> Iterator[tuple[str, mx.array]]:
-    """(name, float array) for every weight; quantized modules dequantized one at a time."""
-    quantized = {p: m for p, m in model.named_modules() if "scales" in m and hasattr(m, "bits")}
-    flat = tree_flatten(model.parameters())
-    lora = next((n for n, _ in flat if n.rsplit(".", 1)[-1] in ADAPTER_LEAVES), None)
-    if lora is not None:
-        raise ExportError(
-            f"{lora}: the model still carries LoRA layers; fuse the adapters first "
-            "(macft fuse does it) and export the fused model"
-        )
-    for name, value in flat:
-        module, leaf = name.rsplit(".", 1)
-        if module in quantized:
-            if leaf in ("scales", "biases"):
-                continue
-            if leaf == "weight":
-                m = quantized[module]
-                value = mx.dequantize(
-                    m.weight,
-                    m.scales,
-                    m.get("biases"),
-                    group_size=m.group_size,
-                    bits=m.bits,
-                    mode=getattr(m, "mode", "affine"),
-                )
-        yield name, value
-
-
 def gguf_name(table, name: str) -> str | None:
     module, leaf = name.rsplit(".", 1)
     parts = module.split(".")
@@ -270,7 +241,7 @@ def model_tensors(model: nn.Module, hp: dict, layout: Layout) -> Iterator[tuple[
         "self_attn.k_proj": hp.get("num_key_value_heads") or hp["num_attention_heads"],
     }
     permute = layout.permute_qk and not hp.get("rope_traditional", False)
-    for name, value in _float_params(model):
+    for name, value in fused_parameters(model, mx.float32):  # adapters merged lazily
         name = strip_prefix(name)
         gname = gguf_name(table, name)
         if gname is None:
