@@ -6,6 +6,7 @@ from pathlib import Path
 import mlx.core as mx
 from rich.console import Console
 
+from macft import device
 from macft.errors import ExportError, ModelError, RunError
 from macft.export import ollama
 from macft.export.merge import DTYPES, REQUANT_GROUP, float_source, load_float_base
@@ -29,6 +30,7 @@ from macft.runs.model import load_run_model
 # Bytes per weight in each GGUF type (Q4_K_M mixes Q4_K, 4.5 bits, with some Q6_K, 6.6 bits).
 GGUF_BPW = {"f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_k_m": 0.66}
 MARGIN = 64 * 2**20  # tokenizer files, metadata, headers
+EXPORT_CACHE_BYTES = 64 * 2**20
 
 
 def _check_options(gguf, quant, adapter_only, peft, quantize, dtype) -> None:
@@ -159,6 +161,9 @@ def run_fuse(
     quant = quant or "f16"
     mode, path = choose_base(run, base_weights)
     console.print(f"[bold]macft fuse[/] {run.path} -> {out_dir}")
+    # Loading and merging free one float matrix after another: MLX would keep each for reuse
+    # (its buffer cache), and an export needs memory more than it needs the reuse.
+    device.limit_cache(EXPORT_CACHE_BYTES)
     with console.status("loading the base and the adapters ..."):
         cm = load_run_model(
             str(run.path), str(path) if path else None, checkpoint, _loader(mode, path, run)

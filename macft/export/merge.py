@@ -6,6 +6,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten
 
 from macft.lora.layers import LoRALinear
@@ -13,6 +14,9 @@ from macft.lora.switch import LoRASwitchLinear
 from macft.models import Base, mlx_lm_compat, quant
 from macft.models.hf import load_folder
 from macft.models.mlx_lm_compat import QuantizedSwitchLinear, SwitchLinear
+
+DEQUANT_ROWS = 4096  # rows a large quantized matrix is dequantized in, for numpy writers
+_NUMPY = {mx.float32: np.float32, mx.float16: np.float16}
 
 # What mlx-lm quantizes in a model: linears, embeddings and stacked experts, float or not yet.
 QUANTIZABLE = (
@@ -36,20 +40,65 @@ def _kinds(model: nn.Module) -> dict[str, nn.Module]:
     return {**lora, **quantized}
 
 
-def fused_parameters(model: nn.Module, dtype) -> Iterator[tuple[str, mx.array]]:
-    """(name, lazy array) of the model with its adapters merged (if it has any) and its
-    quantized weights dequantized: every weight a float of dtype.
+class FusedTensor:
+    """One tensor of the fused model, computed only when taken.
 
-    Nothing is computed until an array is evaluated, and each is needed once: a writer that
-    evaluates, writes and drops them one at a time holds the quantized model plus one float
-    matrix, never the whole fused model (an 8B in f16 is ~16 GB).
+    take() evaluates it (in the list's dtype, or one asked for); with `release` it then
+    empties the source weights it was made from (the model is being consumed by an export),
+    so what was read or dequantized for it does not stay in memory beside the next tensor.
     """
-    kinds, done = _kinds(model), set()
+
+    def __init__(self, name: str, build, dtype, sources: list, release: bool, quantized=None):
+        self.name, self.build, self.dtype = name, build, dtype
+        self.sources, self.release = sources, release
+        self.quantized = quantized  # a quantized module this tensor dequantizes, as it is
+        self.shape = tuple(build(dtype).shape)  # a lazy graph: nothing is computed
+
+    def take(self, dtype=None) -> mx.array:
+        value = self.build(dtype or self.dtype)
+        mx.eval(value)
+        self._done(value.dtype)
+        return value
+
+    def take_numpy(self, dtype=None) -> np.ndarray:
+        """take() as numpy, a large dequantized matrix made a block of rows at a time: MLX's
+        CPU dequantize holds ~5x its output in temporaries (a 49k x 2k embedding: +1 GB)."""
+        dtype = dtype or self.dtype
+        if self.quantized is None or self.shape[0] <= DEQUANT_ROWS:
+            return np.asarray(self.take(dtype))
+        out = np.empty(self.shape, _NUMPY[dtype])
+        for start in range(0, self.shape[0], DEQUANT_ROWS):
+            rows = quant.float_weight(self.quantized, dtype, slice(start, start + DEQUANT_ROWS))
+            out[start : start + rows.shape[0]] = np.asarray(rows)
+        self._done(dtype)
+        return out
+
+    def _done(self, dtype) -> None:
+        if self.release:
+            for module, key in self.sources:
+                module[key] = mx.zeros((0,), dtype)
+
+
+def fused_tensors(model: nn.Module, dtype, release: bool = False) -> list[FusedTensor]:
+    """The model's tensors with its adapters merged (if it has any) and its quantized weights
+    dequantized: every weight a float of dtype, each computed when it is taken.
+
+    A writer that takes, writes and drops them one at a time holds one float matrix beside
+    the model, never the whole fused model (an 8B in f16 is ~16 GB); with `release` the model
+    itself empties as it goes (a float base read lazily from disk is never whole in memory).
+    """
+    kinds, done, out = _kinds(model), set(), []
+    modules = dict(model.named_modules())
     for name, value in tree_flatten(model.parameters()):
         path = next((p for p in kinds if name.startswith(f"{p}.")), None)
         if path is None:
-            floating = mx.issubdtype(value.dtype, mx.floating)
-            yield name, value.astype(dtype) if floating else value
+            owner_path, key = name.rsplit(".", 1)
+            owner = modules[owner_path]
+            if mx.issubdtype(value.dtype, mx.floating):
+                build = lambda d, o=owner, k=key: o[k].astype(d)  # noqa: E731
+            else:
+                build = lambda d, v=value: v  # noqa: E731
+            out.append(FusedTensor(name, build, dtype, [(owner, key)], release))
             continue
         if path in done:
             continue
@@ -57,10 +106,23 @@ def fused_parameters(model: nn.Module, dtype) -> Iterator[tuple[str, mx.array]]:
         m = kinds[path]
         lora = isinstance(m, (LoRALinear, LoRASwitchLinear))
         linear = m.linear if lora else m
-        weight = m.merged_weight(dtype) if lora else quant.float_weight(m, dtype)
-        yield f"{path}.weight", weight
+        if lora:
+            build = lambda d, m=m: m.merged_weight(d)  # noqa: E731
+        else:
+            build = lambda d, m=m: quant.float_weight(m, d)  # noqa: E731
+        weight = f"{path}.weight"
+        plain = None if lora else m
+        out.append(FusedTensor(weight, build, dtype, [(linear, "weight")], release, plain))
         if "bias" in linear:
-            yield f"{path}.bias", linear.bias.astype(dtype)
+            bias = lambda d, lin=linear: lin.bias.astype(d)  # noqa: E731
+            out.append(FusedTensor(f"{path}.bias", bias, dtype, [(linear, "bias")], release))
+    return out
+
+
+def fused_parameters(model: nn.Module, dtype) -> Iterator[tuple[str, mx.array]]:
+    """(name, array) of the fused model, each computed as it is reached (the model stays)."""
+    for t in fused_tensors(model, dtype):
+        yield t.name, t.take()
 
 
 def fused_model(model: nn.Module, config: dict, dtype) -> nn.Module:

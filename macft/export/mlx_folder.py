@@ -12,7 +12,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from macft.atomic import save_safetensors, write_folder
-from macft.export.merge import fused_parameters, requantize_plan
+from macft.export.merge import fused_tensors, requantize_plan
 from macft.models import Base, quant
 
 SHARD_BYTES = 1 << 30
@@ -80,13 +80,16 @@ def write_mlx_files(
     getattr(tokenizer, "_tokenizer", tokenizer).save_pretrained(str(folder))
 
 
-def write_fused(folder: Path, base: Base, dtype, bits: int | None = None, progress=None) -> int:
-    """The base with its adapters merged, weights of dtype (or re-quantized to bits); tensors."""
+def write_fused(
+    folder: Path, base: Base, dtype, bits=None, progress=None, consume: bool = False
+) -> int:
+    """The base with its adapters merged, weights of dtype (or re-quantized to bits), one
+    tensor at a time (`consume`: the model empties as it goes); how many tensors."""
     plan = requantize_plan(base.model, bits) if bits else {}
-    count = sum(1 for _ in fused_parameters(base.model, dtype))  # lazy arrays: nothing computed
-    params = fused_parameters(base.model, dtype)
-    write_mlx_files(folder, params, count, base.config, base.tokenizer, plan, plan, progress)
-    return count + 2 * len(plan)
+    tensors = fused_tensors(base.model, dtype, release=consume)
+    params = ((t.name, t.take()) for t in tensors)
+    write_mlx_files(folder, params, len(tensors), base.config, base.tokenizer, plan, plan, progress)
+    return len(tensors) + 2 * len(plan)
 
 
 def save_mlx_folder(base: Base, out: Path) -> None:

@@ -100,7 +100,8 @@ def write_peft_folder(stage: Staging, cm, run: RunDir, steps: Steps) -> dict:
 
 
 def write_mlx(stage: Staging, cm, dtype: str, quantize: int | None, steps: Steps) -> dict:
-    """The fused model as an MLX folder, written tensor by tensor in shards."""
+    """The fused model as an MLX folder, written tensor by tensor in shards; the run's model
+    is consumed (its last use)."""
     tmp = stage.folder("mlx")
     config = dict(cm.config)
     config["torch_dtype"] = {"f16": "float16", "bf16": "bfloat16", "f32": "float32"}[dtype]
@@ -110,7 +111,7 @@ def write_mlx(stage: Staging, cm, dtype: str, quantize: int | None, steps: Steps
     base = Base(model=cm.model, tokenizer=cm.tokenizer, config=config, source=cm.source)
     tensors, seconds = steps.run(
         "merging and writing the MLX folder",
-        lambda p: write_fused(tmp, base, DTYPES[dtype], quantize, p),
+        lambda p: write_fused(tmp, base, DTYPES[dtype], quantize, p, consume=True),
     )
     return {
         "file": stage.out / "mlx",
@@ -128,7 +129,7 @@ def write_gguf(stage: Staging, cm, fname: str, quant: str, steps: Steps) -> dict
     summary, seconds = steps.run(
         f"writing GGUF {quant}",
         lambda p: export_gguf(
-            cm.model, cm.config, cm.tokenizer, cm.source, tmp, qtype=quant, progress=p
+            cm.model, cm.config, cm.tokenizer, cm.source, tmp, quant, p, consume=True
         ),
     )
     summary = summary or {}

@@ -81,17 +81,17 @@ def config_entry(plan: dict) -> dict | None:
     return entry
 
 
-def float_weight(module: nn.Module, dtype=mx.float32) -> mx.array:
-    """A linear's, embedding's or stacked experts' weight as floats of dtype, dequantized if
-    needed: from scales and biases in dtype, so 16-bit scales do not round the result to 16
-    bits before it is cast (a merge into float32 stays float32-exact)."""
+def float_weight(module: nn.Module, dtype=mx.float32, rows=slice(None)) -> mx.array:
+    """A linear's, embedding's or stacked experts' weight (or some of its rows) as floats of
+    dtype, dequantized if needed: from scales and biases in dtype, so 16-bit scales do not
+    round the result to 16 bits before it is cast (a merge into float32 stays exact)."""
     if "scales" not in module:
-        return module.weight.astype(dtype)
+        return module.weight[rows].astype(dtype)
     biases = module.get("biases")
     return mx.dequantize(
-        module.weight,
-        module.scales.astype(dtype),
-        None if biases is None else biases.astype(dtype),
+        module.weight[rows],
+        module.scales[rows].astype(dtype),
+        None if biases is None else biases[rows].astype(dtype),
         group_size=module.group_size,
         bits=module.bits,
         mode=getattr(module, "mode", "affine"),

@@ -71,10 +71,10 @@ def adapter_tensors(model, config: dict) -> tuple[str, list, float, int]:
             raise ExportError(f"{path}: llama.cpp has no place for a LoRA on this layer")
         n_heads = next((h for k, h in heads.items() if path.endswith(k)), None)
 
-        def get_a(m=m):
+        def get_a(*_, m=m):
             return np.array(m.lora_a.astype(mx.float32).T)  # (rank, in)
 
-        def get_b(m=m, n_heads=n_heads):
+        def get_b(*_, m=m, n_heads=n_heads):
             b = m.lora_b.astype(mx.float32).T  # (out, rank), rows in the base weight's order
             if permute and n_heads:
                 b = permute_qk(b, n_heads)

@@ -11,7 +11,7 @@ import mlx.nn as nn
 import numpy as np
 
 from macft.errors import ExportError
-from macft.export.merge import fused_parameters
+from macft.export.merge import fused_tensors
 from macft.models.gguf_archs import permute_qk
 
 # mlx-lm's stacked experts (SwitchGLU) -> llama.cpp's merged expert tensors.
@@ -233,16 +233,21 @@ def strip_prefix(name: str) -> str:
     return name.removeprefix("language_model.")
 
 
-def model_tensors(model: nn.Module, hp: dict, layout: Layout) -> Iterator[tuple[str, Callable]]:
-    """(GGUF name, () -> float32 numpy in llama.cpp's layout) in the model's order."""
+def model_tensors(
+    model: nn.Module, hp: dict, layout: Layout, consume: bool = False
+) -> Iterator[tuple[str, Callable]]:
+    """(GGUF name, () -> float32 numpy in llama.cpp's layout, shape) in the model's order.
+
+    Adapters are merged as each tensor is got; with `consume` the model empties as they are
+    (export/merge.py's FusedTensor), so memory holds one float matrix beside what is left."""
     table = name_table(layout, hp["num_hidden_layers"])
     heads = {
         "self_attn.q_proj": hp["num_attention_heads"],
         "self_attn.k_proj": hp.get("num_key_value_heads") or hp["num_attention_heads"],
     }
     permute = layout.permute_qk and not hp.get("rope_traditional", False)
-    for name, value in fused_parameters(model, mx.float32):  # adapters merged lazily
-        name = strip_prefix(name)
+    for tensor in fused_tensors(model, mx.float32, release=consume):
+        name = strip_prefix(tensor.name)
         gname = gguf_name(table, name)
         if gname is None:
             raise ExportError(
@@ -252,12 +257,15 @@ def model_tensors(model: nn.Module, hp: dict, layout: Layout) -> Iterator[tuple[
         module = name.rsplit(".", 1)[0]
         n_heads = next((h for k, h in heads.items() if module.endswith(k)), None)
 
-        def get(value=value, n_heads=n_heads, name=name):
-            x = value.astype(mx.float32)
+        def get(dtype=mx.float32, tensor=tensor, n_heads=n_heads, name=name):
+            offset = layout.norm_offset and name.endswith("norm.weight")
+            if (permute and n_heads) or offset:
+                dtype = mx.float32
+            x = tensor.take_numpy(dtype)  # float16 for an F16 tensor: no float32 copy of it
             if permute and n_heads:
                 x = permute_qk(x, n_heads)
-            if layout.norm_offset and name.endswith("norm.weight"):
+            if offset:
                 x = x + layout.norm_offset
-            return np.asarray(x)
+            return x
 
-        yield gname, get, tuple(value.shape)
+        yield gname, get, tensor.shape

@@ -1,5 +1,6 @@
 """GGUF tensor types per export type (llama.cpp's Q4_K_M mixture included) and their encoding."""
 
+import mlx.core as mx
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
 from gguf import quants as gguf_quants
@@ -93,6 +94,12 @@ def encode(x: np.ndarray, t: T) -> np.ndarray:
     if t in _KQUANT:
         return _KQUANT[t](np.ascontiguousarray(x, dtype=np.float32))
     return gguf_quants.quantize(np.ascontiguousarray(x, dtype=np.float32), t)
+
+
+def take_as(t: T) -> tuple:
+    """The dtype a tensor of type t is best computed in: float16 for F16 (half the memory
+    of float32 while it is written), float32 for everything that encodes from it."""
+    return (mx.float16,) if t == T.F16 else ()
 
 
 def decode(data: np.ndarray, t: T) -> np.ndarray:

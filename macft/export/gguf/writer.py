@@ -1,6 +1,7 @@
 """Write a fused float mlx-lm model as a GGUF file llama.cpp and Ollama load (f16 ... q4_k_m)."""
 
 import errno
+import functools
 import os
 import time
 from pathlib import Path
@@ -37,17 +38,19 @@ def _n_expert(hp: dict) -> int:
     return int(hp.get("num_local_experts") or hp.get("num_experts") or 0)
 
 
-def plan(model, config: dict, qtype: str, source: dict | None = None) -> dict:
+def plan(model, config: dict, qtype: str, source: dict | None = None, consume=False) -> dict:
     """What the export writes: layout, hyperparameters and [(name, getter, shape, type)], no data."""
     if qtype not in QTYPES:
         raise ExportError(f"GGUF type {qtype!r} is not one of {', '.join(QTYPES)}")
     model, layout, hp = resolve(model, config)
-    tensors = list(model_tensors(model, hp, layout))
+    tensors = list(model_tensors(model, hp, layout, consume))
     names = {t[0] for t in tensors}
     tied = "output.weight" not in names
     if layout.gguf_arch == "phi3" and tied:  # llama.cpp's phi3 requires its own output matrix
-        get = next(g for n, g, _ in tensors if n == "token_embd.weight")
+        # written twice: computed once (a consumed model has no second copy to compute from)
+        get = functools.cache(next(g for n, g, _ in tensors if n == "token_embd.weight"))
         shape = next(s for n, _, s in tensors if n == "token_embd.weight")
+        tensors = [(n, get if n == "token_embd.weight" else g, s) for n, g, s in tensors]
         tensors.append(("output.weight", get, shape))
         tied = False
     factors = None
@@ -56,9 +59,9 @@ def plan(model, config: dict, qtype: str, source: dict | None = None) -> dict:
     elif layout.gguf_arch == "llama":
         factors = llama3_rope_factors(hp)
     if factors is not None:
-        tensors.append(("rope_freqs.weight", lambda f=factors: f, factors.shape))
+        tensors.append(("rope_freqs.weight", lambda *_, f=factors: f, factors.shape))
     for name, f in longrope_factors(hp).items():
-        tensors.append((name, lambda f=f: f, f.shape))
+        tensors.append((name, lambda *_, f=f: f, f.shape))
     n_layers, n_expert = hp["num_hidden_layers"], _n_expert(hp)
     typed = [
         (n, g, s, gq.tensor_type(n, s, qtype, n_layers, tied, n_expert)) for n, g, s in tensors
@@ -98,7 +101,7 @@ def _write(tmp: Path, arch: str, add_keys, tensors: list, progress) -> None:
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for done, (_, get, _, t) in enumerate(tensors, 1):
-            writer.write_tensor_data(gq.encode(get(), t))
+            writer.write_tensor_data(gq.encode(get(*gq.take_as(t)), t))
             if progress is not None:
                 progress(done, len(tensors))
         writer.flush()
@@ -143,8 +146,12 @@ def type_counts(tensors: list) -> dict:
     return counts
 
 
-def export_gguf(model, config, tokenizer, source, path, qtype="f16", progress=None) -> dict:
-    """Write `model` (float mlx-lm weights, adapters fused) to `path` as GGUF of type `qtype`.
+def export_gguf(
+    model, config, tokenizer, source, path, qtype="f16", progress=None, consume=False
+) -> dict:
+    """Write `model` to `path` as GGUF of type `qtype`; LoRA layers are merged, and quantized
+    weights dequantized, one tensor at a time as it is written (`consume`: the model empties
+    as it goes, for an export that is its last use).
 
     The vocabulary is copied from a GGUF source or built from the HF tokenizer; the file is
     written under a temp name and renamed, so `path` is either the old file or the new one.
@@ -152,7 +159,7 @@ def export_gguf(model, config, tokenizer, source, path, qtype="f16", progress=No
     """
     start = time.monotonic()
     source = source or {}
-    p = plan(model, config, qtype, source)
+    p = plan(model, config, qtype, source, consume)
     layout = p["layout"]
     fields, vocab_from = gguf_vocab.vocab_fields(tokenizer, source, p["n_vocab"])
 
