@@ -7,7 +7,7 @@ OPENBLAS := /usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3
 PRELOAD := $(if $(wildcard $(OPENBLAS)),LD_PRELOAD=$(OPENBLAS),)
 DEMO_ITERS ?= 40
 
-.PHONY: install openblas test test-fast lint format demo bench clean
+.PHONY: install openblas test test-fast lint format demo bench bench-mac clean
 
 $(BIN)/macft: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -26,8 +26,10 @@ openblas:
 	  else echo "tip: sudo apt-get install libopenblas0-pthread makes training on this CPU ~70x faster"; fi; \
 	fi
 
+# Both paths: a Mac's (the default: 4-bit base, bfloat16, MLX's quantized matmuls) and a CPU's.
 test: install
 	$(PRELOAD) $(BIN)/pytest -q
+	$(PRELOAD) $(BIN)/pytest -q --path cpu -m "not real"
 
 test-fast: install
 	$(PRELOAD) $(BIN)/pytest -q -m "not real"
@@ -49,6 +51,15 @@ bench: install
 	$(PRELOAD) $(BIN)/python bench/bench_vs_mlx_lm.py $(BENCH_ARGS)
 	$(PRELOAD) $(BIN)/python bench/bench_step.py --steps 3
 	$(PRELOAD) $(BIN)/python bench/bench_ceiling.py
+	$(MAKE) bench-mac
+
+# The Mac's path on this machine: compiled shapes, memory over 1,000 steps, fuse's peak, and
+# against mlx_lm on MLX's bfloat16 quantized kernels (slow on a CPU: about an hour in all).
+bench-mac: install
+	$(PRELOAD) $(BIN)/python bench/bench_shapes.py
+	$(PRELOAD) $(BIN)/python bench/bench_long_run.py
+	$(PRELOAD) $(BIN)/python bench/bench_fuse_peak.py
+	$(PRELOAD) $(BIN)/python bench/bench_vs_mlx_lm.py --setting mac --batch 1 --iters 2 --no-ckpt
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info .pytest_cache

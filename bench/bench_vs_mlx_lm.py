@@ -78,14 +78,16 @@ def mlx_folder(setting: str, work: Path, scales: str) -> Path:
     from macft.models import load_base
     from macft.models.quant import cast_floats
 
+    scales = "bfloat16" if setting == "mac" else scales  # a Mac computes in 16 bits
     name = "float32" if setting == "float32" else f"4bit-{scales}"
     out = work / f"smollm2-{name}"
     if (out / "config.json").exists():
         return out
     base = load_base("smollm2-135m", compute="float32" if setting == "float32" else "quantized")
-    if setting != "float32" and scales == "float16":
-        cast_floats(base.model, mx.float16, lambda name: True)  # as the GGUF stores them
-        base.config["torch_dtype"] = "float16"
+    if setting != "float32" and scales in ("float16", "bfloat16"):
+        dtype = getattr(mx, scales)  # float16 as the GGUF stores them; bfloat16 as macft's Mac path
+        cast_floats(base.model, dtype, lambda name: True)
+        base.config["torch_dtype"] = scales
     save_mlx_folder(base, out)
     return out
 
@@ -152,7 +154,8 @@ def run_macft(setting: str, iters: int, work: Path, extra: list[str], ckpt: bool
         cmd += ["--set", f"{k}={v}"]
     for item in extra:
         cmd += ["--set", item]
-    text, wall, rss, cpu = run_child(cmd, child_env(), work / f"{label}-{setting}.log")
+    env = {**child_env(), **({"MACFT_MAC_PATH": "1"} if setting == "mac" else {})}
+    text, wall, rss, cpu = run_child(cmd, env, work / f"{label}-{setting}.log")
     rows = [json.loads(x) for x in (out_dir / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in rows if r["step"] == iters][-1]
     return {
@@ -207,7 +210,10 @@ def table(setting: str, iters: int, rows: list[dict]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--setting", choices=["float32", "4bit", "both"], default="both")
+    p.add_argument("--setting", choices=["float32", "4bit", "mac", "both"], default="both",
+                   help="mac: macft's Mac path (MACFT_MAC_PATH=1, bfloat16) vs mlx_lm on a "
+                   "bfloat16 4-bit folder: both on MLX's quantized kernels")  # fmt: skip
+    p.add_argument("--batch", type=int, default=BATCH, help="examples per step (default 4)")
     p.add_argument("--iters", type=int, help="iterations for every setting chosen")
     p.add_argument("--iters-float32", type=int, default=30)
     p.add_argument("--iters-4bit", type=int, default=3, help="~75 s/step for mlx_lm here")
@@ -221,6 +227,8 @@ def main() -> None:
     p.add_argument("--work", type=Path, help="keep folders and logs here (default: a temp dir)")
     p.add_argument("--json", type=Path, help="append the results as JSON lines here")
     a = p.parse_args()
+    global BATCH
+    BATCH = a.batch
     if not DATA.is_dir():
         sys.exit(f"{DATA} is missing: the benchmark needs ../shared/data/wikisql")
     work = a.work or Path(tempfile.mkdtemp(prefix="macft-bench-"))

@@ -82,6 +82,14 @@ def peak_memory_gb() -> float:
     return mx.get_peak_memory() / 1e9
 
 
+def memory_gb() -> dict:
+    """MLX's memory now: arrays in use and freed buffers it keeps for reuse (GB)."""
+    return {
+        "active_memory_gb": round(mx.get_active_memory() / 1e9, 4),
+        "cache_memory_gb": round(mx.get_cache_memory() / 1e9, 4),
+    }
+
+
 def reset_peak_memory() -> None:
     mx.reset_peak_memory()
 

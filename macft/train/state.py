@@ -74,6 +74,7 @@ class TrainState:
             "tokens_per_s": self.pending_tokens / self.pending_time if self.pending_time else 0.0,
             "trained_tokens": self.trained_tokens,
             "peak_memory_gb": device.peak_memory_gb(),
+            **device.memory_gb(),
             "elapsed_s": round(self.elapsed_s, 3),
         }
         if val is not None:

@@ -13,7 +13,7 @@ import pytest
 
 from macft.models import load_base, resolve_model_path
 
-pytestmark = pytest.mark.real
+pytestmark = [pytest.mark.real, pytest.mark.path("cpu")]  # GGUF read fidelity, in float32
 
 PARAGRAPH = (
     "Water is one of the most important substances on Earth. All living things need water to "
