@@ -194,7 +194,7 @@ def table(setting: str, iters: int, rows: list[dict]) -> str:
     lines = [f"\n== {setting}: {iters} iterations of batch {BATCH} ==", " | ".join(cols)]
     for r in rows:
         lines.append(
-            f"{r['tool']} | {r['tokens_per_s']:.0f} | {r['trained_tokens']} | {r['peak_gb']:.3f} | "
+            f"{r['tool']} | {r['tokens_per_s']:.3g} | {r['trained_tokens']} | {r['peak_gb']:.3f} | "
             f"{r['max_rss_gb']:.3f} | {r.get('val_loss', float('nan')):.4f} | {r['wall_s']:.0f} | {r['cpu_s']:.0f}"
         )
     base = rows[0] if rows and rows[0]["tool"].startswith("mlx_lm") else None
@@ -209,6 +209,7 @@ def table(setting: str, iters: int, rows: list[dict]) -> str:
 
 
 def main() -> None:
+    global BATCH  # --batch sets the job's batch for every tool and the evaluator
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--setting", choices=["float32", "4bit", "mac", "both"], default="both",
                    help="mac: macft's Mac path (MACFT_MAC_PATH=1, bfloat16) vs mlx_lm on a "
@@ -227,7 +228,6 @@ def main() -> None:
     p.add_argument("--work", type=Path, help="keep folders and logs here (default: a temp dir)")
     p.add_argument("--json", type=Path, help="append the results as JSON lines here")
     a = p.parse_args()
-    global BATCH
     BATCH = a.batch
     if not DATA.is_dir():
         sys.exit(f"{DATA} is missing: the benchmark needs ../shared/data/wikisql")
