@@ -3,6 +3,7 @@ GGUF files written and read back, llama.cpp runs, and comparisons. Tests import 
 never from each other."""
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -624,3 +625,34 @@ def spm_tokenizer(folder: Path):
     }
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     return mlx_lm_compat.load_folder_tokenizer(folder), folder
+
+
+# --- what commands print: --json keys as README.md documents them, colours ---------------
+def documented_json_keys(command: str) -> list[str]:
+    """The keys README.md's table documents for `macft COMMAND --json`, dotted when nested."""
+    for line in (ROOT / "README.md").read_text(encoding="utf-8").splitlines():
+        if line.startswith(f"| `macft {command} --json` |"):
+            return re.findall(r"`([a-z_.]+)`", line.split("|")[-2])
+    raise AssertionError(f"README.md documents no keys for macft {command} --json")
+
+
+def _has(value, path: list[str]) -> bool:
+    if not path or value is None:  # null stands for a part not measured (eval's generation)
+        return True
+    if isinstance(value, list):
+        return all(_has(v, path) for v in value)
+    return path[0] in value and _has(value[path[0]], path[1:])
+
+
+def assert_documented_keys(doc, command: str) -> None:
+    """Each object has exactly the documented top-level keys, and every documented nested one."""
+    keys = documented_json_keys(command)
+    top = {k.split(".")[0] for k in keys}
+    for item in doc if isinstance(doc, list) else [doc]:
+        assert set(item) == top, (command, set(item) ^ top)
+        for key in keys:
+            assert _has(item, key.split(".")), (command, key)
+
+
+# An SGR escape that sets a colour (30-38, 40-48, 90-97, 100-107), not just bold or italic.
+COLOUR = re.compile(r"\x1b\[(?:\d+;)*(?:3[0-8]|4[0-8]|9[0-7]|10[0-7])(?:;\d+)*m")

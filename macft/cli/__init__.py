@@ -1,8 +1,9 @@
 """The macft command line: a click group, one thin module per command.
 
-The one place a MacftError becomes `Error: ...` and exit 1. Commands import their machinery
-when they run, so `macft runs --json` loads no MLX. Commands that compute are marked
-`computes`: only for them does main() set up the process (OpenBLAS, CPU kernels).
+The one place a MacftError becomes `Error: ...` and exit 1, and where the group and every
+command get --no-color. Commands import their machinery when they run, so `macft runs
+--json` loads no MLX. Commands that compute are marked `computes`: only for them does main()
+set up the process (OpenBLAS, CPU kernels).
 """
 
 import sys
@@ -11,6 +12,7 @@ import click
 
 from macft import __version__
 from macft.cli import chat, eval, fuse, models, plan, recipes, report, runs, train
+from macft.cli.options import no_color_option
 from macft.errors import MacftError
 
 
@@ -29,12 +31,13 @@ class MacftGroup(click.Group):
 
 @click.group(cls=MacftGroup)
 @click.version_option(__version__, prog_name="macft")
+@no_color_option
 def cli():
     """Fine-tune open LLMs with LoRA on a 4-bit base, on your Mac."""
 
 
 for module in (train, chat, fuse, eval, report, runs, models, recipes, plan):
-    cli.add_command(module.command)
+    cli.add_command(no_color_option(module.command))
 
 
 def command_name(argv: list[str]) -> str | None:

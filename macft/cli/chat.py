@@ -2,7 +2,7 @@
 
 import click
 
-from macft.cli.options import computes
+from macft.cli.options import computes, console
 
 
 @computes
@@ -29,4 +29,5 @@ def command(target, model, checkpoint, compare, prompt, system, temp, top_p, max
     from macft.inference.repl import run_chat
 
     sampling = {"temp": temp, "top_p": top_p, "max_tokens": max_tokens, "seed": seed}
-    run_chat(target, model, checkpoint, compare, prompt, system, sampling)
+    out, err = console(highlight=False), console(stderr=True, highlight=False)
+    run_chat(target, model, checkpoint, compare, prompt, system, sampling, out, err)

@@ -2,7 +2,7 @@
 
 import click
 
-from macft.cli.options import computes
+from macft.cli.options import computes, console, json_option
 
 
 @computes
@@ -32,8 +32,9 @@ from macft.cli.options import computes
 )
 @click.option("--checkpoint", "-c", help="best or step-N (default: the final adapters).")
 @click.option("--model", "-m", help="The base model, if it moved since training.")
+@json_option("Print the summary as JSON on stdout; the table and notes go to stderr.")
 def command(
-    run, data, metric, limit, split_on, case_sensitive, forget_threshold, checkpoint, model
+    run, data, metric, limit, split_on, case_sensitive, forget_threshold, checkpoint, model, as_json
 ):
     """Did the fine-tune help, and what did it forget? Base vs fine-tune on held-out data.
 
@@ -41,8 +42,10 @@ def command(
     macft eval runs/net --data net_test.jsonl
     macft eval runs/wikisql --data test.jsonl --metric exact --limit 100
     """
+    from macft.console import print_json
     from macft.inference.evaluation import run_eval
 
-    run_eval(
-        run, data, metric, limit, split_on, case_sensitive, forget_threshold, checkpoint, model
-    )
+    args = run, data, metric, limit, split_on, case_sensitive, forget_threshold, checkpoint, model
+    summary = run_eval(*args, console=console(stderr=as_json))
+    if as_json:
+        print_json(summary)

@@ -2,7 +2,7 @@
 
 import click
 
-from macft.cli.options import computes
+from macft.cli.options import computes, console
 from macft.export.gguf import QTYPES
 
 
@@ -48,8 +48,6 @@ def command(
     macft fuse runs/net --adapter-only --gguf
     macft fuse runs/net --peft
     """
-    from rich.console import Console
-
     from macft.export.fuse import run_fuse
 
     run_fuse(
@@ -64,5 +62,5 @@ def command(
         checkpoint,
         base_weights,
         name,
-        Console(soft_wrap=True),  # paths and commands stay whole, ready to copy
+        console(soft_wrap=True),  # paths and commands stay whole, ready to copy
     )

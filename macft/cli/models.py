@@ -1,28 +1,57 @@
 """`macft models`: the models macft knows by name (--model ALIAS)."""
 
 import click
-from rich.console import Console
-from rich.table import Table
+
+from macft.cli.options import console, json_option
+from macft.console import Column, print_json, print_table
+
+COLUMNS = [
+    Column("alias", no_wrap=True),
+    *(
+        Column(h, fold=True)
+        for h in ("params", "arch", "chat", "MLX 4-bit repo", "original repo", "license")
+    ),
+]
 
 
 @click.command("models")
-def command():
+@json_option("Print the models as JSON, for scripts.")
+def command(as_json):
     """The models macft knows by name (--model ALIAS)."""
-    print_models(Console())
+    rows = model_rows()
+    if as_json:
+        print_json(rows)
+    else:
+        print_models(rows, console())
 
 
-def print_models(console: Console) -> None:
+def model_rows() -> list[dict]:
+    """One row per catalog model: what the table shows and --json prints."""
     from macft.models import catalog
 
-    table = Table(title="macft models (--model ALIAS)")
-    table.add_column("alias", no_wrap=True)
-    for col in ("params", "arch", "chat", "MLX 4-bit repo", "original repo", "license"):
-        table.add_column(col, overflow="fold")
-    for e in catalog.ENTRIES:
-        mlx = e.mlx_repo or (f"none (PyPI: {e.pypi[0]})" if e.pypi else "none")
-        params = f"{e.params:g}B" if e.params >= 1 else f"{e.params * 1000:g}M"
-        table.add_row(e.alias, params, e.arch, e.chat_format, mlx, e.hf_repo, e.license)
-    console.print(table)
+    return [
+        {
+            "alias": e.alias,
+            "params_b": e.params,
+            "arch": e.arch,
+            "chat_format": e.chat_format,
+            "mlx_repo": e.mlx_repo,
+            "pypi": e.pypi[0] if e.pypi else None,
+            "hf_repo": e.hf_repo,
+            "license": e.license,
+        }
+        for e in catalog.ENTRIES
+    ]
+
+
+def _cells(r: dict) -> list[str]:
+    mlx = r["mlx_repo"] or (f"none (PyPI: {r['pypi']})" if r["pypi"] else "none")
+    params = f"{r['params_b']:g}B" if r["params_b"] >= 1 else f"{r['params_b'] * 1000:g}M"
+    return [r["alias"], params, r["arch"], r["chat_format"], mlx, r["hf_repo"], r["license"]]
+
+
+def print_models(rows: list[dict], console) -> None:
+    print_table(console, COLUMNS, [_cells(r) for r in rows], "macft models (--model ALIAS)")
     console.print(
         "Weights come from the Hugging Face cache, or download on first use (hf download REPO "
         "fetches them ahead). Also: --model ollama:NAME[:TAG], a folder, or a .gguf file."

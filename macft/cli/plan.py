@@ -3,10 +3,12 @@
 from dataclasses import replace
 
 import click
-from rich.console import Console
-from rich.table import Table
+from rich.text import Text
 
-from macft.cli.options import set_option
+from macft.cli.options import console, json_option, set_option
+from macft.console import Column, print_json, print_table
+
+COLUMNS = [Column("part"), Column("GB", right=True), Column("what")]
 
 
 @click.command("plan")
@@ -24,7 +26,8 @@ from macft.cli.options import set_option
 )
 @click.option("--hosts", help="Plan for training on these Macs (macft train --hosts).")
 @click.option("--machines", type=click.IntRange(1), help="Plan for training on N Macs.")
-def command(model, data, recipe, sets, memory, fit, hosts, machines):
+@json_option("Print the plan as JSON, for scripts.")
+def command(model, data, recipe, sets, memory, fit, hosts, machines, as_json):
     """Predict peak memory of a training run, and what to change when it does not fit.
 
     \b
@@ -36,66 +39,118 @@ def command(model, data, recipe, sets, memory, fit, hosts, machines):
 
     n = machine_count(hosts, machines)
     found = plan_recipe(model, data, recipe, sets, memory, machines=n)
-    show_plan(found, n, fit, Console(width=120))
+    report, out = plan_report(found, n), console()
+    if not as_json:
+        print_plan(report, out)
+    # after the table: when no change can make it fit, the error follows what was planned
+    report.update(fit_report(found, fit))
+    if as_json:
+        print_json(report)
+    else:
+        print_fit(report, out)
 
 
-def show_plan(found, machines: int, fit: bool, console: Console) -> None:
-    from macft.config.recipes import apply_override, dump
+def plan_report(found, machines: int) -> dict:
+    """What the plan says, once: the lines and table print it, --json prints it as it is."""
     from macft.train import memory as mp
-    from macft.train.plan import set_flags
 
-    plan, s, max_len = found.plan, found.plan.setup, found.recipe["data"]["max_seq_length"]
-    longest = max(found.lengths, default=0)
-    console.print(
-        f"[bold]memory plan[/] for {found.recipe['model']['path']} ({found.shape_from}), "
-        f"{s.compute} base"
-    )
-    capped = f" (capped by data.max_seq_length={max_len})" if longest > max_len else ""
-    console.print(
-        f"data: {len(found.lengths)} examples, longest {longest} tokens, {found.lengths_how}; "
-        f"rows of {found.seq} tokens x batch {s.batch_size}{capped}"
-    )
-    if machines > 1:
-        console.print(
-            f"{machines} machines: each trains batch {s.batch_size} x {s.grad_accumulation} "
-            f"accumulation, {s.batch_size * s.grad_accumulation * machines} examples a step in "
-            "all; the memory below is what each machine needs"
-        )
-    console.print(_parts_table(plan))
+    plan, s = found.plan, found.plan.setup
+    other = None
     if not s.grad_checkpoint:
-        other = mp.plan(plan.shape, replace(s, grad_checkpoint=True), plan.usable)
-        console.print(f"with gradient checkpointing: {mp.gb(other.total)}")
-    verdict = "[green]fits[/]" if plan.fits else "[red]does not fit[/]"
-    console.print(f"usable memory ({found.where}): {mp.gb(plan.usable)} -> {verdict}")
+        other = mp.plan(plan.shape, replace(s, grad_checkpoint=True), plan.usable).total
+    return {
+        "model": found.recipe["model"]["path"],
+        "shapes_from": found.shape_from,
+        "compute": s.compute,
+        "examples": len(found.lengths),
+        "longest_tokens": max(found.lengths, default=0),
+        "lengths_how": found.lengths_how,
+        "max_seq_length": found.recipe["data"]["max_seq_length"],
+        "row_tokens": found.seq,
+        "batch_size": s.batch_size,
+        "grad_accumulation": s.grad_accumulation,
+        "machines": machines,
+        "parts": [{"part": k, "bytes": v, "what": _what(k, plan)} for k, v in plan.parts.items()],
+        "total_bytes": plan.total,
+        "with_grad_checkpoint_bytes": other,
+        "usable_bytes": plan.usable,
+        "where": found.where,
+        "fits": plan.fits,
+    }
+
+
+def fit_report(found, fit: bool) -> dict:
+    """The --set changes that make it fit, and with --fit the recipe they make."""
+    from macft.config.recipes import apply_override
+
     changes = found.fit()
-    if not changes:
-        return
-    console.print(f"to fit: {set_flags(changes)}")
     if fit:
         for k, v in changes:
             apply_override(found.recipe, k, v)
-        console.print("adjusted recipe:\n" + dump(found.recipe))
+    return {
+        "to_fit": [{"key": k, "value": v} for k, v in changes],
+        "adjusted_recipe": found.recipe if fit and changes else None,
+    }
 
 
-def _parts_table(plan) -> Table:
+def _what(part: str, plan) -> str:
     from macft.train import memory as mp
 
     s = plan.setup
-    table = Table(show_header=True)
-    table.add_column("part")
-    table.add_column("GB", justify="right")
-    table.add_column("what")
-    ck = "with" if s.grad_checkpoint else "without"
-    what = {
-        "weights": f"{s.bits}-bit base with scales and biases" if s.compute == "quantized"
-        else f"{s.compute} base",
-        "lora": f"{mp.lora_params(plan.shape, s):,} LoRA parameters, gradients, AdamW state",
-        "activations": f"kept for the backward pass, {ck} gradient checkpointing",
-        "logits": "logits, softmax and its gradient (float32)"
-        + (f", {s.loss_chunk} rows at a time" if s.loss_chunk else ""),
-        "overhead": "MLX, Python, tokenizer",
-    }  # fmt: skip
-    for k, v in plan.parts.items():
-        table.add_row(k, f"{v / mp.GB:.2f}", what[k])
-    table.add_row("[bold]total[/]", f"[bold]{plan.total / mp.GB:.2f}[/]", "")
-    return table
+    if part == "weights":
+        return (
+            f"{s.bits}-bit base with scales and biases"
+            if s.compute == "quantized"
+            else f"{s.compute} base"
+        )
+    if part == "lora":
+        return f"{mp.lora_params(plan.shape, s):,} LoRA parameters, gradients, AdamW state"
+    if part == "activations":
+        ck = "with" if s.grad_checkpoint else "without"
+        return f"kept for the backward pass, {ck} gradient checkpointing"
+    if part == "logits":
+        chunk = f", {s.loss_chunk} rows at a time" if s.loss_chunk else ""
+        return "logits, softmax and its gradient (float32)" + chunk
+    return "MLX, Python, tokenizer"
+
+
+def print_plan(r: dict, console) -> None:
+    from macft.train import memory as mp
+
+    console.print(
+        f"[bold]memory plan[/] for {r['model']} ({r['shapes_from']}), {r['compute']} base"
+    )
+    capped = ""
+    if r["longest_tokens"] > r["max_seq_length"]:
+        capped = f" (capped by data.max_seq_length={r['max_seq_length']})"
+    console.print(
+        f"data: {r['examples']} examples, longest {r['longest_tokens']} tokens, {r['lengths_how']}; "
+        f"rows of {r['row_tokens']} tokens x batch {r['batch_size']}{capped}"
+    )
+    if r["machines"] > 1:
+        console.print(
+            f"{r['machines']} machines: each trains batch {r['batch_size']} x "
+            f"{r['grad_accumulation']} accumulation, "
+            f"{r['batch_size'] * r['grad_accumulation'] * r['machines']} examples a step in "
+            "all; the memory below is what each machine needs"
+        )
+    rows = [[p["part"], f"{p['bytes'] / mp.GB:.2f}", p["what"]] for p in r["parts"]]
+    rows.append(
+        [Text("total", style="bold"), Text(f"{r['total_bytes'] / mp.GB:.2f}", style="bold"), ""]
+    )
+    print_table(console, COLUMNS, rows)
+    if r["with_grad_checkpoint_bytes"] is not None:
+        console.print(f"with gradient checkpointing: {mp.gb(r['with_grad_checkpoint_bytes'])}")
+    verdict = "[green]fits[/]" if r["fits"] else "[red]does not fit[/]"
+    console.print(f"usable memory ({r['where']}): {mp.gb(r['usable_bytes'])} -> {verdict}")
+
+
+def print_fit(r: dict, console) -> None:
+    from macft.config.recipes import dump
+    from macft.train.plan import set_flags
+
+    if not r["to_fit"]:
+        return
+    console.print(f"to fit: {set_flags([(c['key'], c['value']) for c in r['to_fit']])}")
+    if r["adjusted_recipe"] is not None:
+        console.print("adjusted recipe:\n" + dump(r["adjusted_recipe"]))

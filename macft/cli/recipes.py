@@ -3,18 +3,29 @@
 import re
 
 import click
-from rich.console import Console
-from rich.table import Table
 
+from macft.cli.options import console, json_option
 from macft.config.recipes import find_recipe, read_recipe_file, shipped_recipes
+from macft.console import Column, print_json, print_table
+
+COLUMNS = [
+    Column("name", no_wrap=True),
+    *(Column(h, fold=True) for h in ("model", "memory", "description")),
+]
 
 
 @click.group("recipes", invoke_without_command=True)
+@json_option("Print the recipes as JSON, for scripts.")
 @click.pass_context
-def command(ctx):
+def command(ctx, as_json):
     """List the shipped recipes; `macft recipes show NAME` prints one."""
-    if ctx.invoked_subcommand is None:
-        print_recipes(Console())
+    if ctx.invoked_subcommand is not None:
+        return
+    rows = [recipe_info(path) for path in shipped_recipes().values()]
+    if as_json:
+        print_json(rows)
+    else:
+        print_recipes(rows, console())
 
 
 @command.command("show")
@@ -25,23 +36,27 @@ def show(name):
 
 
 def recipe_info(path) -> dict:
+    """One recipe's row: what the table shows and --json prints."""
     text = path.read_text(encoding="utf-8")
     first = next((ln[1:].strip() for ln in text.splitlines() if ln.startswith("#")), "")
     model = (read_recipe_file(path).get("model") or {}).get("path", "?")
     tier = re.search(r"-(\d+)gb$", path.stem)
-    return {"name": path.stem, "model": model, "memory": f"{tier[1]} GB" if tier else "any",
+    return {"name": path.stem, "model": model, "memory_gb": int(tier[1]) if tier else None,
             "description": first}  # fmt: skip
 
 
-def print_recipes(console: Console) -> None:
-    table = Table(title="shipped recipes (macft recipes show NAME; macft train --recipe NAME)")
-    table.add_column("name", no_wrap=True)
-    for col in ("model", "memory", "description"):
-        table.add_column(col, overflow="fold")
-    for path in shipped_recipes().values():
-        i = recipe_info(path)
-        table.add_row(i["name"], i["model"], i["memory"], i["description"])
-    console.print(table)
+def print_recipes(rows: list[dict], console) -> None:
+    cells = [
+        [
+            r["name"],
+            r["model"],
+            f"{r['memory_gb']} GB" if r["memory_gb"] else "any",
+            r["description"],
+        ]
+        for r in rows
+    ]
+    title = "shipped recipes (macft recipes show NAME; macft train --recipe NAME)"
+    print_table(console, COLUMNS, cells, title)
 
 
 def show_recipe(name: str) -> str:

@@ -1,8 +1,9 @@
 """`macft runs`: the run folders with their state, steps, validation loss, size and age."""
 
-import json
-
 import click
+
+from macft.cli.options import console, json_option
+from macft.console import Column, print_json, print_table
 
 COLORS = {
     "running": "cyan",
@@ -11,11 +12,16 @@ COLORS = {
     "crashed": "red",
     "failed": "red",
 }
+COLUMNS = [
+    Column("run"),
+    Column("state"),
+    *(Column(h, right=True) for h in ("step", "best val (step)", "last val", "size", "updated")),
+]
 
 
 @click.command("runs")
 @click.argument("folders", nargs=-1)
-@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON, for scripts.")
+@json_option("Print the rows as JSON, for scripts.")
 def command(folders, as_json):
     """List runs: state, steps, best validation loss, size, last update.
 
@@ -23,55 +29,47 @@ def command(folders, as_json):
     macft runs                 # the runs under ./runs
     macft runs runs/net other/ --json
     """
-    from rich.console import Console
+    from macft.runs.listing import find_runs, run_info
 
-    list_runs(folders, as_json, Console())
+    rows = [run_info(p) for p in find_runs(folders)]
+    if as_json:
+        print_json(rows)
+    else:
+        print_runs(rows, folders, console())
 
 
 def _loss(v) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
-def list_runs(folders: tuple[str, ...], as_json: bool, console) -> list[dict]:
-    from rich.table import Table
+def _cells(r: dict) -> list:
+    from rich.text import Text
 
     from macft.atomic import human
-    from macft.runs.listing import DEFAULT_ROOT, find_runs, human_age, run_info
+    from macft.runs.listing import human_age
 
-    rows = [run_info(p) for p in find_runs(folders)]
-    if as_json:
-        console.out(json.dumps(rows, indent=2), highlight=False)
-        return rows
+    best = _loss(r["best_val_loss"])
+    if r["best_step"] is not None:
+        best += f" ({r['best_step']})"
+    return [
+        r["path"],
+        Text(r["state"], style=COLORS.get(r["state"], "white")),
+        f"{r['step']}/{r['total_steps'] if r['total_steps'] is not None else '?'}",
+        best,
+        _loss(r["last_val_loss"]),
+        human(r["size_bytes"]),
+        human_age(r["age_s"]),
+    ]
+
+
+def print_runs(rows: list[dict], folders: tuple[str, ...], console) -> None:
+    from macft.runs.listing import DEFAULT_ROOT
+
     if not rows:
         where = ", ".join(folders) or f"./{DEFAULT_ROOT}"
         console.print(f"no runs under {where}; start one with: macft train --model M --data F")
-        return rows
-    table = Table(show_header=True)
-    for col, justify in (
-        ("run", "left"),
-        ("state", "left"),
-        ("step", "right"),
-        ("best val (step)", "right"),
-        ("last val", "right"),
-        ("size", "right"),
-        ("updated", "right"),
-    ):
-        table.add_column(col, justify=justify)
-    for r in rows:
-        best = _loss(r["best_val_loss"])
-        if r["best_step"] is not None:
-            best += f" ({r['best_step']})"
-        table.add_row(
-            r["path"],
-            f"[{COLORS.get(r['state'], 'white')}]{r['state']}[/]",
-            f"{r['step']}/{r['total_steps'] if r['total_steps'] is not None else '?'}",
-            best,
-            _loss(r["last_val_loss"]),
-            human(r["size_bytes"]),
-            human_age(r["age_s"]),
-        )
-    console.print(table)
+        return
+    print_table(console, COLUMNS, [_cells(r) for r in rows])
     stopped = [r["path"] for r in rows if r["state"] in ("crashed", "interrupted", "failed")]
     if stopped:
         console.print(f"continue a stopped run with: macft train --resume --out {stopped[0]}")
-    return rows

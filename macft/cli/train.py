@@ -2,7 +2,7 @@
 
 import click
 
-from macft.cli.options import computes, set_option
+from macft.cli.options import computes, console, json_option, set_option
 from macft.config.schema import reference_help
 
 
@@ -23,7 +23,8 @@ from macft.config.schema import reference_help
     "127.0.0.1,127.0.0.1 runs two processes here).",
 )
 @click.option("--hostfile", help="An mlx.launch hostfile (JSON) instead of --hosts.")
-def command(recipe, model, data, out, sets, resume, force, hosts, hostfile):
+@json_option("Print the final summary as JSON on stdout; the log goes to stderr.")
+def command(recipe, model, data, out, sets, resume, force, hosts, hostfile, as_json):
     """Train LoRA adapters on a base model.
 
     \b
@@ -32,8 +33,7 @@ def command(recipe, model, data, out, sets, resume, force, hosts, hostfile):
     macft train --resume --out runs/net
     macft train --recipe r.yaml --hosts mac1.local,mac2.local
     """
-    from rich.console import Console
-
+    from macft.console import print_json
     from macft.train.parallel import world as parallel
     from macft.train.session import run_train
 
@@ -45,5 +45,7 @@ def command(recipe, model, data, out, sets, resume, force, hosts, hostfile):
     world = parallel.init()  # one rank of several when mlx.launch started this process
     shorthands = {"model.path": model, "data.path": data, "out": out}
     with parallel.labelled(world):
-        console = Console(quiet=not world.main)
-        run_train(recipe, tuple(sets), shorthands, resume, console, force=force, world=world)
+        log = console(stderr=as_json, quiet=not world.main)
+        summary = run_train(recipe, tuple(sets), shorthands, resume, log, force=force, world=world)
+    if as_json and world.main:
+        print_json(summary)

@@ -7,6 +7,7 @@ import mlx.core as mx
 from rich.console import Console
 
 from macft import device
+from macft.console import make_console
 from macft.errors import ExportError, ModelError, RunError
 from macft.export import ollama
 from macft.export.merge import DTYPES, REQUANT_GROUP, float_source, load_float_base
@@ -153,7 +154,7 @@ def run_fuse(
     name: str | None = None,
     console: Console | None = None,
 ) -> list[dict]:
-    console = console or Console()
+    console = console or make_console(soft_wrap=True)
     _check_options(gguf, quant, adapter_only, peft, quantize, dtype)
     run = _open_run(run_arg, base_weights)
     name = ollama.check_name(name or ollama.default_name(run.path))

@@ -6,9 +6,9 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from macft.atomic import human
+from macft.console import Column, print_table
 from macft.errors import ExportError, RunError
 from macft.export import ollama
 from macft.export.merge import DTYPES, REQUANT_GROUP
@@ -196,20 +196,23 @@ def write_modelfile(
     }
 
 
+SUMMARY_COLUMNS = [Column("file"), Column("size", right=True), Column("type"),
+                   Column("tensors", right=True), Column("time", right=True)]  # fmt: skip
+
+
 def print_summary(console: Console, rows: list[dict], name: str, gguf: bool) -> None:
     folder = rows[0]["file"].parent if rows else None
-    table = Table(title=f"export in {folder}")
-    for col in ("file", "size", "type", "tensors", "time"):
-        table.add_column(col, justify="right" if col in ("size", "tensors", "time") else "left")
-    for r in rows:
-        table.add_row(
+    cells = [
+        [
             r["file"].name + ("/" if r["file"].is_dir() else ""),
             human(r["size"]),
             r["type"],
             str(r["tensors"]),
             f"{r['seconds']:.1f} s",
-        )
-    console.print(table)
+        ]
+        for r in rows
+    ]
+    print_table(console, SUMMARY_COLUMNS, cells, f"export in {folder}")
     by_name = {r["file"].name: r["file"] for r in rows}
     if gguf and "Modelfile" in by_name:
         console.print("import into Ollama with:")

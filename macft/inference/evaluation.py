@@ -8,11 +8,11 @@ from pathlib import Path
 from mlx_lm import stream_generate
 from mlx_lm.sample_utils import make_sampler
 from rich.console import Console
-from rich.table import Table
 
 from macft import device
 from macft.atomic import atomic_write_json, atomic_write_text
 from macft.config.schema import DataConfig, TrainConfig
+from macft.console import Column, make_console, print_table
 from macft.data.heldout import general_examples, load_eval_data, loss_examples, make_cases
 from macft.data.heldout import target_tokens as count_targets
 from macft.errors import MacftError, RunError
@@ -110,7 +110,7 @@ def run_eval(
     model: str | None = None,
     console: Console | None = None,
 ) -> dict:
-    console = console or Console()
+    console = console or make_console()
     wanted = parse_metrics(metric)
     run = open_run(run_path)
     records, fmt = load_eval_data(data, limit)
@@ -139,6 +139,7 @@ def run_eval(
         "loss": held,
         "forgetting": forgot,
         "overfitting": overfitting(run.read_metrics()),
+        "generation": None,  # answers scored, when --metric asks for them
     }
     out_dir = run.path / "eval"
     out_dir.mkdir(exist_ok=True)
@@ -194,38 +195,41 @@ def _pct(before, after) -> str:
     return f"{100 * (after - before) / before:+.1f}%"
 
 
-def print_summary(s: dict, console: Console) -> None:
-    table = Table(
-        title=f"{s['data']} ({s['loss']['examples']} examples, checkpoint {s['checkpoint']})"
-    )
-    for col in ("", "base", "fine-tune", "change"):
-        table.add_column(col, justify="right" if col else "left")
+SUMMARY_COLUMNS = [Column(""), *(Column(h, right=True) for h in ("base", "fine-tune", "change"))]
+
+
+def _versus(name: str, base, tuned) -> list[str]:
+    return [name, _fmt(base), _fmt(tuned), _pct(base, tuned)]
+
+
+def summary_rows(s: dict) -> list[list[str]]:
+    """The eval table's rows, made from the summary that is saved and that --json prints."""
     b, f = s["loss"]["base"], s["loss"]["fine_tune"]
-    table.add_row("held-out loss", _fmt(b["loss"]), _fmt(f["loss"]), _pct(b["loss"], f["loss"]))
-    table.add_row(
-        "perplexity",
-        _fmt(b["perplexity"]),
-        _fmt(f["perplexity"]),
-        _pct(b["perplexity"], f["perplexity"]),
-    )
+    rows = [
+        _versus("held-out loss", b["loss"], f["loss"]),
+        _versus("perplexity", b["perplexity"], f["perplexity"]),
+    ]
     g = s.get("generation")
-    if g:
-        for m in g["metrics"]:
-            bb, ff = g["base"][m], g["fine_tune"][m]
-            table.add_row(
+    for m in g["metrics"] if g else ():
+        bb, ff = g["base"][m], g["fine_tune"][m]
+        rows.append(
+            [
                 f"{m} ({g['examples']} answers)",
                 f"{bb:.1%}",
                 f"{ff:.1%}",
                 f"{100 * (ff - bb):+.1f} pts",
-            )
+            ]
+        )
     fg = s["forgetting"]
-    table.add_row(
-        "general-text perplexity",
-        _fmt(fg["base_perplexity"]),
-        _fmt(fg["fine_tune_perplexity"]),
-        f"{fg['change_pct']:+.1f}%",
-    )
-    console.print(table)
+    ppl = _fmt(fg["base_perplexity"]), _fmt(fg["fine_tune_perplexity"])
+    rows.append(["general-text perplexity", *ppl, f"{fg['change_pct']:+.1f}%"])
+    return rows
+
+
+def print_summary(s: dict, console: Console) -> None:
+    title = f"{s['data']} ({s['loss']['examples']} examples, checkpoint {s['checkpoint']})"
+    print_table(console, SUMMARY_COLUMNS, summary_rows(s), title)
+    fg = s["forgetting"]
     if fg["warning"]:
         console.print(
             f"[yellow]warning:[/] perplexity on general English grew {fg['change_pct']:.1f}% "

@@ -129,7 +129,8 @@ def _input_prompt(console: Console) -> str:
         return ">>> "
     # \001 and \002 tell GNU readline that the colour codes take no room; libedit (macOS's
     # system Python) may print them, so it gets a plain prompt.
-    if console.color_system and "libedit" not in (readline.__doc__ or ""):
+    colour = console.color_system and not console.no_color  # NO_COLOR, --no-color
+    if colour and "libedit" not in (readline.__doc__ or ""):
         return "\001\x1b[1;32m\002>>>\001\x1b[0m\002 "
     return ">>> "
 
@@ -160,11 +161,14 @@ def repl(session: ChatSession, console: Console) -> None:
             console.print(f"[red]Error:[/] {escape(str(e))}")
 
 
-def run_chat(target, model, checkpoint, compare, prompt, system, sampling: dict) -> None:
-    """Load, then answer --prompt once, answer each piped stdin line, or run the REPL."""
+def run_chat(
+    target, model, checkpoint, compare, prompt, system, sampling: dict, out: Console, err: Console
+) -> None:
+    """Load, then answer --prompt once, answer each piped stdin line, or run the REPL.
+
+    Answers go to `out`; in a script, loading and speed lines go to `err`."""
     interactive = prompt is None and sys.stdin.isatty()
-    out = Console(highlight=False)
-    info = out if interactive else Console(stderr=True, highlight=False)
+    info = out if interactive else err
     with info.status(f"loading {target or model} ..."):
         cm = load_run_model(target, model, checkpoint)
     what = f"{cm.base_path} + adapters {cm.adapters}" if cm.adapters else cm.base_path

@@ -103,8 +103,8 @@ def load_examples(recipe: dict, tokenizer, console: Console):
 
 
 def run_train(recipe_arg, sets, shorthands: dict, resume: bool, console: Console,
-              force: bool = False, world=parallel.SOLO) -> Path:  # fmt: skip
-    """Set up, train and save one run; returns its folder."""
+              force: bool = False, world=parallel.SOLO) -> dict:  # fmt: skip
+    """Set up, train and save one run; returns its summary (result_summary)."""
     # Rank 0 reads the recipe (on --resume, from its run folder) and hands it to the others.
     recipe, origin, picked = world.from_main(
         lambda: resolve_recipe(recipe_arg, sets, shorthands, resume)
@@ -156,24 +156,46 @@ def run_train(recipe_arg, sets, shorthands: dict, resume: bool, console: Console
             run.create(recipe, base.source)
         result = train(base.model, train_set, valid_set, cfg, run, pad_id, resume, progress,
                        info, world)  # fmt: skip
-    say_result(result, run, out, world.size, console)
-    return out
+    summary = result_summary(result, run, out, world.size)
+    say_result(summary, console)
+    return summary
 
 
-def say_result(result, run, out: Path, machines: int, console: Console) -> None:
-    if result.status == "interrupted":
+def result_summary(result, run, out: Path, machines: int) -> dict:
+    """How the run ended, once: the last lines say it and `macft train --json` prints it."""
+    finished = result.status != "interrupted"
+    before = next((r["val_loss"] for r in run.read_metrics() if r["step"] == 0), None)
+    resume = f"macft train --resume --out {out}"
+    return {
+        "status": result.status,
+        "out": str(out),
+        "step": result.step,
+        "total_steps": result.total_steps,
+        "best_val_loss": result.best_val_loss,
+        "best_step": result.best_step,
+        "val_loss": result.val_loss,
+        "val_loss_before": before,
+        "stopped_early": result.stopped_early,
+        "adapters": f"{out}/adapters.safetensors" if finished else None,
+        "metrics": f"{out}/metrics.jsonl",
+        "recipe": f"{out}/recipe.yaml",
+        "machines": machines,
+        "resume": None if finished else resume,
+    }
+
+
+def say_result(s: dict, console: Console) -> None:
+    if s["resume"]:
+        more = f" --hosts (the same {s['machines']} machines)" if s["machines"] > 1 else ""
         console.print(
-            f"[yellow]interrupted[/] at step {result.step}: checkpoint saved. "
-            f"Continue with: macft train --resume --out {out}"
-            + (f" --hosts (the same {machines} machines)" if machines > 1 else "")
+            f"[yellow]interrupted[/] at step {s['step']}: checkpoint saved. "
+            f"Continue with: {s['resume']}{more}"
         )
     else:
-        before = next((r["val_loss"] for r in run.read_metrics() if r["step"] == 0), None)
         best = ""
-        if result.best_val_loss is not None:
-            best = f", best val loss {result.best_val_loss:.3f} (step {result.best_step})"
-            best += f", {before:.3f} before training" if before is not None else ""
-        console.print(
-            f"[green]done[/]: {result.step} steps{best}. Adapters: {out}/adapters.safetensors"
-        )
-    console.print(f"metrics: {out}/metrics.jsonl   recipe: {out}/recipe.yaml")
+        if s["best_val_loss"] is not None:
+            best = f", best val loss {s['best_val_loss']:.3f} (step {s['best_step']})"
+            if s["val_loss_before"] is not None:
+                best += f", {s['val_loss_before']:.3f} before training"
+        console.print(f"[green]done[/]: {s['step']} steps{best}. Adapters: {s['adapters']}")
+    console.print(f"metrics: {s['metrics']}   recipe: {s['recipe']}")

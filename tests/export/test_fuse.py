@@ -226,6 +226,19 @@ def test_default_export_chats_and_requantized_loads(runs, tmp_path):
     assert not [p.name for p in (run / "export").iterdir() if p.name.startswith(".")]
 
 
+def test_export_table_is_plain_whole_rows_without_a_terminal(runs, tmp_path):
+    out = tmp_path / ("an-export-folder-with-a-long-name-" * 3)
+    result = fuse(runs["lora"], "--out", out, "--peft")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    table = lines[lines.index(f"export in {out}") + 1 :]
+    assert table[0].split() == ["file", "size", "type", "tensors", "time"]
+    config = json.loads((out / "peft" / "adapter_config.json").read_text())
+    assert table[1].startswith("peft/ ") and f"PEFT LoRA r={config['r']}, base " in table[1]
+    assert table[1].endswith(" s") and "\x1b" not in result.output
+    assert lines[-1] == f"PEFT: PeftModel.from_pretrained(base_model, {str(out / 'peft')!r})"
+
+
 # --- PEFT -------------------------------------------------------------------------------
 
 

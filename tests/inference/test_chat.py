@@ -12,7 +12,7 @@ import pexpect
 import pytest
 import yaml
 from click.testing import CliRunner
-from helpers import build_tiny_model, save_tiny_model_dir, train_with_cli, write_chat
+from helpers import COLOUR, build_tiny_model, save_tiny_model_dir, train_with_cli, write_chat
 
 from macft.cli import cli
 from macft.config.schema import LoraConfig
@@ -214,8 +214,8 @@ def test_adapters_that_do_not_fit_the_base(run, tmp_path):
 # --- the REPL, driven in a pseudo-terminal -----------------------------------------------
 
 
-def spawn(*args):
-    env = {**os.environ, "TERM": "dumb", "NO_COLOR": "1", "COLUMNS": "200"}
+def spawn(*args, env=None):
+    env = {**os.environ, "TERM": "dumb", "NO_COLOR": "1", "COLUMNS": "200", **(env or {})}
     child = pexpect.spawn(
         sys.executable,
         ["-m", "macft", "chat", *map(str, args)],
@@ -299,6 +299,32 @@ def test_ctrl_c_stops_an_answer_not_the_session(run):
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
+
+
+def test_no_color_leaves_the_prompt_and_every_line_plain_in_a_terminal(run):
+    colours = {"TERM": "xterm-256color", "NO_COLOR": ""}  # a terminal that shows colours
+    child = spawn(run, *GREEDY, env=colours)
+    assert "\x1b[" in child.after  # the coloured prompt
+    child.close()
+    for no_color in ({"NO_COLOR": "1"}, {}):
+        child = spawn(
+            run, *GREEDY, *([] if no_color else ["--no-color"]), env={**colours, **no_color}
+        )
+        assert child.after == ">>> " and not COLOUR.search(child.before)
+        answer = send(child, Q)
+        assert "tokens/s" in answer and not COLOUR.search(answer)
+        child.sendeof()
+        child.expect(pexpect.EOF)
+        child.close()
+
+
+def test_script_lines_are_whole_on_stderr(run):
+    """Piped, the loading line holds the whole adapters path, however long."""
+    result = chat(run, "--prompt", Q, *GREEDY)
+    assert result.exit_code == 0, result.output
+    first = result.stderr.splitlines()[0]
+    assert first.startswith("macft chat ") and f"adapters {run}/adapters.safetensors " in first
+    assert "   backend: " in first
 
 
 def test_ctrl_d_leaves_cleanly(run):

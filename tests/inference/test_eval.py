@@ -11,7 +11,7 @@ import mlx_lm
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import build_tiny_hf_tokenizer, save_tiny_model_dir
+from helpers import assert_documented_keys, build_tiny_hf_tokenizer, save_tiny_model_dir
 from mlx_lm.sample_utils import make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
@@ -296,6 +296,31 @@ def test_cli_errors_are_one_clean_line(tiny_run, args, message):
     assert result.exit_code == 1, result.output
     assert result.output.startswith("Error:") and message in result.output
     assert "Traceback" not in result.output
+
+
+def test_eval_json_is_the_summary_on_stdout_and_the_table_goes_to_stderr(tiny_run, tmp_path):
+    run = tmp_path / ("a-run-folder-with-a-long-name-" * 3)  # wider than 80 columns with its files
+    shutil.copytree(tiny_run["out"], run)
+    args = ["eval", str(run), "--data", str(tiny_run["test"]), "--metric", "f1", "--json"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary == json.loads((run / "eval" / "test.summary.json").read_text())
+    assert_documented_keys(summary, "eval")
+    assert summary["generation"]["metrics"] == ["f1"]
+    lines = result.stderr.splitlines()
+    title = f"{tiny_run['test']} ({summary['loss']['examples']} examples, checkpoint final)"
+    assert lines[0] == title
+    # the table shows the figures the JSON holds, each row whole on one line
+    held = next(line for line in lines if line.startswith("held-out loss "))
+    loss = summary["loss"]
+    assert held.split()[2:4] == [f"{loss[side]['loss']:.4g}" for side in ("base", "fine_tune")]
+    general = next(line for line in lines if line.startswith("general-text perplexity "))
+    assert general.endswith(f"{summary['forgetting']['change_pct']:+.1f}%")
+    assert lines[-1] == f"saved: {run}/eval/test.summary.json  answers: {run}/eval/test.jsonl"
+    # without --json the same table is on stdout
+    plain = CliRunner().invoke(cli, args[:-1])
+    assert plain.exit_code == 0 and plain.stderr == "" and lines[1] in plain.stdout.splitlines()
 
 
 # --- the report, looked at in a real browser -----------------------------------------------------

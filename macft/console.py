@@ -1,0 +1,107 @@
+"""What every command prints through: its consoles, its tables and its --json documents.
+
+In a terminal, rich draws as it likes: colours, live bars, boxed tables that fit the width.
+Anywhere else (a pipe, a log file, `nohup`, a job scheduler, TERM=dumb) a line is never
+wrapped or cut: each message is one line whatever its length, and a table is plain aligned
+rows, each holding its whole values, so `grep` finds them. NO_COLOR and --no-color take the
+colours away.
+"""
+
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+
+def make_console(
+    stderr: bool = False,
+    quiet: bool = False,
+    no_color: bool = False,
+    highlight: bool = True,
+    soft_wrap: bool = False,
+) -> Console:
+    """The one place a console is built: stdout's, or stderr's when stderr is True.
+
+    soft_wrap: leave long lines whole in a terminal too (the terminal folds them), so paths and
+    commands copy whole; without a terminal they always stay whole."""
+    # A dumb terminal cannot redraw a bar or draw a box: it is written to as a file is.
+    dumb = os.environ.get("TERM", "").lower() in ("dumb", "unknown")
+    console = Console(
+        stderr=stderr,
+        quiet=quiet,
+        no_color=no_color or None,  # None: rich reads NO_COLOR itself
+        highlight=highlight,
+        force_terminal=False if dumb else None,
+    )
+    # Without a terminal, rich would wrap at 80 columns: lines would break mid-word in logs.
+    console.soft_wrap = soft_wrap or not console.is_terminal
+    return console
+
+
+@dataclass(frozen=True)
+class Column:
+    """A table column: its header, and how its values sit in a terminal."""
+
+    header: str
+    right: bool = False  # numbers line up on the right
+    fold: bool = False  # a narrow terminal folds long values onto more lines (else: cut with ...)
+    no_wrap: bool = False
+
+
+def _plain(cell) -> str:
+    return cell.plain if isinstance(cell, Text) else str(cell)
+
+
+def plain_rows(columns: list[Column], rows: list[list]) -> list[str]:
+    """The header and the rows as aligned lines of whole values, two spaces between columns."""
+    lines = [[c.header for c in columns]] + [[_plain(cell) for cell in row] for row in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(columns))]
+    out = []
+    for line in lines:
+        cells = [
+            v.rjust(w) if c.right else v.ljust(w)
+            for v, w, c in zip(line, widths, columns, strict=True)
+        ]
+        out.append("  ".join(cells).rstrip())
+    return out
+
+
+def print_table(console: Console, columns: list[Column], rows: list[list], title: str = "") -> None:
+    """rich's table in a terminal; elsewhere the title, then plain_rows.
+
+    Cells are plain strings (numbers are made strings), or rich Text for a styled cell."""
+    if not console.is_terminal:
+        for line in ([title] if title else []) + plain_rows(columns, rows):
+            console.out(line, highlight=False)
+        return
+    table = Table(title=title or None)
+    for c in columns:
+        overflow = "fold" if c.fold else "ellipsis"
+        table.add_column(
+            c.header, justify="right" if c.right else "left", overflow=overflow, no_wrap=c.no_wrap
+        )
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+
+
+def _finite(value):
+    """NaN and infinity have no JSON spelling (jq and most parsers refuse them): null instead."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def print_json(data) -> None:
+    """One JSON document on stdout: all a --json command writes there."""
+    sys.stdout.write(json.dumps(_finite(data), indent=2, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
