@@ -1,5 +1,7 @@
 """A data file or folder -> checked, split, tokenized and cut examples, and a report of it all."""
 
+import hashlib
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,17 +54,30 @@ def _listing(folder: Path) -> str:
     return shown or "nothing (it is empty)"
 
 
+def _kind(path: Path) -> str:
+    mode = path.stat().st_mode
+    return "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a file"
+
+
+def _regular(path: Path, fix: str) -> Path:
+    """`path` if it is a regular file: reading a FIFO or a device would hang or never end."""
+    if not path.is_file():
+        raise DataError(f"{path} is {_kind(path)}, not a regular file; {fix}")
+    return path
+
+
 def _find_files(path: Path) -> tuple[Path, Path | None]:
     if path.is_dir():
         train, valid = path / "train.jsonl", path / "valid.jsonl"
-        if not train.is_file():
+        if not train.exists():
             raise DataError(
                 f"{path}: no train.jsonl in this folder (it has: {_listing(path)}); "
                 "put the training lines in train.jsonl (and optionally valid.jsonl)"
             )
-        return train, valid if valid.is_file() else None
-    if path.is_file():
-        return path, None
+        fix = "put the lines in a .jsonl file of that name"
+        return _regular(train, fix), _regular(valid, fix) if valid.exists() else None
+    if path.exists():
+        return _regular(path, "give a .jsonl file or a folder with train.jsonl"), None
     parent = path.parent if path.parent.is_dir() else None
     there = (
         f"; {parent} has: {_listing(parent)}"
@@ -72,6 +87,23 @@ def _find_files(path: Path) -> tuple[Path, Path | None]:
     raise DataError(
         f"{path} does not exist{there}. Give a .jsonl file or a folder with train.jsonl"
     )
+
+
+def data_digest(path: str | Path) -> str:
+    """A digest of the data files' bytes (train.jsonl and valid.jsonl of a folder): a resumed
+    run compares it, so edited data is noticed before it mixes into the run."""
+    train, valid = _find_files(Path(path))
+    h = hashlib.sha256()
+    for name, file in (("train", train), ("valid", valid)):
+        if file is not None:
+            h.update(name.encode() + b"\0")
+            try:
+                with open(file, "rb") as f:
+                    while chunk := f.read(1 << 20):
+                        h.update(chunk)
+            except OSError as e:
+                raise DataError(f"{file}: cannot read: {e.strerror}") from None
+    return "sha256:" + h.hexdigest()
 
 
 def load_data(

@@ -251,8 +251,7 @@ class Training:
         except BaseException as e:
             if isinstance(e, PeerLost) and self.state.step:  # the model holds a whole step
                 self._save_or_fail(self.checkpoint)
-            error = f"{type(e).__name__}: {e}"
-            self.run.update_state(status="failed", step=self.state.step, error=error)
+            self.run.mark_failed(f"{type(e).__name__}: {e}", step=self.state.step)
             raise
         else:
             self._save_or_fail(self.checkpoint)
@@ -272,7 +271,7 @@ class Training:
         try:
             save()
         except RunError as e:
-            self.run.update_state(status="failed", step=self.state.step, error=str(e))
+            self.run.mark_failed(str(e), step=self.state.step)
             raise
 
     def finish(self) -> TrainResult:

@@ -14,7 +14,7 @@ from macft.config import schema
 from macft.config.recipes import load_recipe, resolve_data_path
 from macft.cpu.process import describe as describe_backend
 from macft.cpu.streams import plan_cpu_streams, stream_count
-from macft.data.dataset import load_data
+from macft.data.dataset import data_digest, load_data
 from macft.errors import RecipeError
 from macft.lora.apply import apply_lora
 from macft.models import load_base
@@ -28,11 +28,12 @@ from macft.train.speed import Speed
 
 
 def default_out(recipe: dict) -> Path:
-    data = Path(recipe["data"]["path"])
+    """runs/<data name>: the file's stem, or the folder's name (`..` resolved, never empty)."""
+    data = Path(recipe["data"]["path"]).resolve()
     name = data.name if data.is_dir() else data.stem
     if name in ("train", "data", ""):
-        name = data.parent.name if data.is_file() else name
-    return Path("runs") / (name or "run")
+        name = data.parent.name if not data.is_dir() else name
+    return Path("runs") / (name if name not in ("", ".", "..") else "run")
 
 
 def describe_steps(cfg: schema.TrainConfig, n_train: int, machines: int = 1) -> str:
@@ -59,7 +60,7 @@ def resolve_recipe(recipe_arg, sets, shorthands: dict, resume: bool) -> tuple[di
         recipe_arg = picked = plan.default_recipe(shorthands.get("model.path"))
     recipe, origin = load_recipe(recipe_arg, sets, shorthands)
     recipe["data"]["path"] = resolve_data_path(recipe["data"]["path"], origin)
-    out = Path(recipe["out"]) if recipe["out"] else default_out(recipe)
+    out = Path(recipe["out"]).expanduser() if recipe["out"] else default_out(recipe)
     recipe["out"] = str(out)
     return recipe, origin, picked
 
@@ -112,8 +113,9 @@ def run_train(recipe_arg, sets, shorthands: dict, resume: bool, console: Console
     out, cfg = Path(recipe["out"]), schema.of(recipe, "train")
     run = world.run_view(RunDir(out))  # only rank 0 writes the run folder
     world.on_timeout(lambda message: parallel.mark_failed(run, message))
-    if resume:
-        run.open_for_resume(recipe, write=False)  # saved once training starts
+    digest = world.from_main(lambda: data_digest(recipe["data"]["path"]))
+    if resume:  # saved once training starts
+        run.open_for_resume(recipe, write=False, data_digest=digest, force=force)
     else:
         run.check_free()
 
@@ -150,9 +152,9 @@ def run_train(recipe_arg, sets, shorthands: dict, resume: bool, console: Console
     # The lock is held from the first write on (the trainer's own lock nests in it).
     with run.lock(), TrainProgress(console) as progress:
         if resume:
-            run.save_recipe(recipe)
+            run.save_recipe(recipe, digest)
         else:
-            run.create(recipe, base.source)
+            run.create(recipe, base.source, digest)
         result = train(base.model, train_set, valid_set, cfg, run, pad_id, resume, progress,
                        info, world)  # fmt: skip
     say_result(result, run, out, world.size, console)

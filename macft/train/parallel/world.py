@@ -244,7 +244,7 @@ def fingerprint(*parts) -> str:
 def mark_failed(run, message: str) -> None:
     """Best effort, from the watchdog: record why the run stopped, if the run folder exists."""
     if run.state:  # a run folder that exists (rank 0's; a PeerRun's is always empty)
-        run.update_state(status="failed", error=message)
+        run.mark_failed(message)
 
 
 @contextlib.contextmanager
