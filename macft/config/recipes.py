@@ -43,6 +43,8 @@ def read_recipe_file(path: Path) -> dict:
         raise RecipeError(
             f"{where}: not valid YAML ({getattr(e, 'problem', e)}); fix the syntax"
         ) from None
+    except RecursionError:
+        raise RecipeError(f"{path}: nested too deeply to be a recipe; fix the file") from None
     except (OSError, UnicodeDecodeError) as e:
         raise RecipeError(f"{path}: cannot read the recipe ({e})") from None
     if data is None:
@@ -58,7 +60,7 @@ def parse_set(item: str) -> tuple[str, Any]:
         raise RecipeError(f"--set {item}: expected KEY=VALUE, e.g. --set train.iters=200")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         value = raw
     return key.strip(), value
 

@@ -1,6 +1,7 @@
 """A recipe checked against the schema: defaults filled in, every problem reported at once."""
 
 import difflib
+import math
 from typing import Any
 
 from macft.config.schema import DEFAULT_EPOCHS, REQUIRED, SCHEMA, TOP_LEVEL, Key
@@ -11,6 +12,20 @@ def _unknown(prefix: str, key: str, known: list[str]) -> str:
     close = difflib.get_close_matches(key, known, n=1)
     hint = f"did you mean {prefix}{close[0]}?" if close else f"valid keys: {', '.join(known)}"
     return f"{prefix}{key}: unknown key; {hint}"
+
+
+def _num(x) -> str:
+    """A bound or value for an error line: 4294967295 in full, a 400-digit integer cut short."""
+    if isinstance(x, int) and len(str(x)) > 20:
+        return f"{str(x)[:12]}... ({len(str(x))} digits)"
+    return str(x) if isinstance(x, int) or float(x) != int(x) else str(int(x))
+
+
+def _example(spec: Key) -> str:
+    """A value to show in an error: the default, or a bound when there is no default."""
+    if isinstance(spec.default, int | float) and not isinstance(spec.default, bool):
+        return _num(spec.default)
+    return _num(spec.lo if spec.lo is not None else 1)
 
 
 def _check(dotted: str, spec: Key, value: Any) -> tuple[Any, str | None]:
@@ -30,7 +45,15 @@ def _check(dotted: str, spec: Key, value: Any) -> tuple[Any, str | None]:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return value, f"{dotted}: expected a number, got {value!r}"
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an integer of hundreds of digits
+            value = math.inf
+        if not math.isfinite(value):
+            # NaN slips past every bound (nan < lo is False); inf makes no sense for any key
+            return value, (
+                f"{dotted}: expected a finite number, got {value!r}; write e.g. {_example(spec)}"
+            )
     elif kind == "bool":
         if not isinstance(value, bool):
             return value, f"{dotted}: expected true or false, got {value!r}"
@@ -53,10 +76,10 @@ def _check(dotted: str, spec: Key, value: Any) -> tuple[Any, str | None]:
         if value != "all" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             return value, f"{dotted}: expected 'all' or a number of layers >= 1, got {value!r}"
     if spec.lo is not None and isinstance(value, (int, float)) and value < spec.lo:
-        bound = "> 0" if 0 < spec.lo < 1e-6 else f">= {spec.lo:g}"  # a tiny floor means "positive"
-        return value, f"{dotted}: must be {bound}, got {value!r}"
+        bound = "> 0" if 0 < spec.lo < 1e-6 else f">= {_num(spec.lo)}"  # a tiny floor: positive
+        return value, f"{dotted}: must be {bound}, got {_num(value)}"
     if spec.hi is not None and isinstance(value, (int, float)) and value > spec.hi:
-        return value, f"{dotted}: must be <= {spec.hi:g}, got {value!r}"
+        return value, f"{dotted}: must be <= {_num(spec.hi)}, got {_num(value)}"
     return value, None
 
 
