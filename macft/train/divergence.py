@@ -18,9 +18,14 @@ class Diverged(RunError):
 
 
 def finite(loss, grads) -> bool:
-    """Are the step's loss and every gradient finite? One small evaluation."""
-    arrays = [loss, *(g for _, g in tree_flatten(grads or {}))]
-    return bool(mx.all(mx.stack([mx.isfinite(a).all() for a in arrays])).item())
+    """Are the step's loss and every gradient finite? One sum per tensor, one evaluation.
+
+    A NaN or an infinity anywhere makes the total NaN or infinite; finite gradients would
+    need sums past 3e38 to overflow (SmolLM2's 420 LoRA tensors: ~10 ms on 2 CPU cores)."""
+    total = loss.astype(mx.float32).sum()
+    for _, g in tree_flatten(grads or {}):
+        total = total + g.astype(mx.float32).sum()
+    return bool(mx.isfinite(total).item())
 
 
 def count(state, ok: bool) -> None:
