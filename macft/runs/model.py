@@ -14,6 +14,7 @@ from macft.lora.apply import apply_lora, load_adapter_weights
 from macft.models import ALIASES, load_base
 from macft.runs.folder import CHECKPOINT_RE, RunDir
 
+
 @dataclass
 class RunModel:
     model: nn.Module
@@ -141,9 +142,7 @@ def load_run_model(
             f"a model folder, a .gguf file or an alias ({', '.join(ALIASES)}); or {_train_hint(p)}"
         )
     base.model.eval()
-    return RunModel(
-        base.model, base.tokenizer, str(target), config=base.config, source=base.source
-    )
+    return RunModel(base.model, base.tokenizer, str(target), config=base.config, source=base.source)
 
 
 def _load_run(run: RunDir, model: str | None, checkpoint: str | None, loader) -> RunModel:

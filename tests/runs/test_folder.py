@@ -8,8 +8,8 @@ import mlx.core as mx
 import pytest
 import yaml
 
-from macft.runs import folder as rd
 from macft.errors import RunError
+from macft.runs import folder as rd
 from macft.runs.folder import RunDir
 
 RECIPE = {"model": {"path": "tiny", "bits": 4}, "lora": {"rank": 8}, "train": {"iters": 10}}

@@ -13,8 +13,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import yaml
-from helpers import save_tiny_model_dir
-from helpers import write_chat
+from helpers import save_tiny_model_dir, write_chat
 
 from macft.atomic import PAUSE_ENV
 from macft.runs.folder import RunDir

@@ -6,12 +6,11 @@ import shutil
 
 import pytest
 from click.testing import CliRunner
-from helpers import save_tiny_model_dir
-from helpers import train_args, write_chat
+from helpers import save_tiny_model_dir, train_args, write_chat
 
+from macft.atomic import human
 from macft.cli import cli
 from macft.runs.folder import RunDir
-from macft.atomic import human
 from macft.runs.listing import human_age
 
 
