@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from macft.data.encode import Example, encode_record
-from macft.data.jsonl import read_jsonl
+from macft.data.jsonl import read_jsonl_numbered
 from macft.errors import DataError
 
 
@@ -106,6 +106,50 @@ def data_digest(path: str | Path) -> str:
     return "sha256:" + h.hexdigest()
 
 
+def _records(train_file: Path, valid_file: Path | None, fraction: float, seed: int):
+    """(train, valid, format, where valid came from): [(file, line, record)] each."""
+    numbered, fmt = read_jsonl_numbered(train_file)
+    records = [(train_file, n, rec) for n, rec in numbered]
+    if valid_file is not None:
+        valid, valid_fmt = read_jsonl_numbered(valid_file)
+        if valid_fmt != fmt:
+            raise DataError(
+                f"{valid_file}: the lines are {valid_fmt} format while {train_file} is {fmt}; "
+                "use the same format in both files"
+            )
+        return records, [(valid_file, n, rec) for n, rec in valid], fmt, str(valid_file)
+    train_idx, valid_idx = _split(len(records), fraction, seed)
+    source = f"held out from {train_file}: {len(valid_idx)} lines" if valid_idx else "none"
+    return [records[i] for i in train_idx], [records[i] for i in valid_idx], fmt, source
+
+
+def _too_long(file, what: str, max_seq_length: int, longest: int) -> DataError:
+    return DataError(
+        f"{file}: every {what} example is longer than data.max_seq_length={max_seq_length} "
+        f"before its first target token (the longest has {longest} tokens); raise "
+        "data.max_seq_length"
+    )
+
+
+def _prepare(records, fmt, tokenizer, max_seq_length, system, counts) -> list[Example]:
+    """Tokenized, masked and cut examples; an example with nothing left to learn is dropped."""
+    out = []
+    for file, line, rec in records:
+        try:
+            ex = encode_record(_clip(rec, 64 * max_seq_length), fmt, tokenizer, system)
+        except DataError as e:
+            raise DataError(f"{file}:{line}: {e}") from e
+        counts["longest"] = max(counts["longest"], len(ex.ids))
+        if len(ex.ids) > max_seq_length:
+            counts["truncated"] += 1
+            ex = Example(ex.ids[:max_seq_length], ex.mask[:max_seq_length])
+        if not ex.mask.any():
+            counts["dropped"] += 1  # nothing left to learn from after the cut
+            continue
+        out.append(ex)
+    return out
+
+
 def load_data(
     path: str | Path,
     tokenizer,
@@ -116,49 +160,17 @@ def load_data(
 ) -> tuple[list[Example], list[Example], DataReport]:
     """Read, check, split, tokenize and truncate; the report counts every cut and drop."""
     train_file, valid_file = _find_files(Path(path))
-    records, fmt = read_jsonl(train_file)
-    if valid_file is not None:
-        valid_records, valid_fmt = read_jsonl(valid_file)
-        if valid_fmt != fmt:
-            raise DataError(
-                f"{valid_file}: the lines are {valid_fmt} format while {train_file} is {fmt}; "
-                "use the same format in both files"
-            )
-        valid_source = str(valid_file)
-    else:
-        train_idx, valid_idx = _split(len(records), valid_fraction, seed)
-        valid_records = [records[i] for i in valid_idx]
-        records = [records[i] for i in train_idx]
-        valid_source = (
-            f"held out from {train_file}: {len(valid_idx)} lines" if valid_idx else "none"
-        )
-
+    records, valid_records, fmt, valid_source = _records(
+        train_file, valid_file, valid_fraction, seed
+    )
     counts = {"truncated": 0, "dropped": 0, "longest": 0}
-
-    def prepare(recs: list[dict]) -> list[Example]:
-        out = []
-        for rec in recs:
-            try:
-                ex = encode_record(_clip(rec, 64 * max_seq_length), fmt, tokenizer, system)
-            except DataError as e:
-                raise DataError(f"{train_file}: {e}") from e
-            counts["longest"] = max(counts["longest"], len(ex.ids))
-            if len(ex.ids) > max_seq_length:
-                counts["truncated"] += 1
-                ex = Example(ex.ids[:max_seq_length], ex.mask[:max_seq_length])
-            if not ex.mask.any():
-                counts["dropped"] += 1  # nothing left to learn from after the cut
-                continue
-            out.append(ex)
-        return out
-
-    train_set, valid_set = prepare(records), prepare(valid_records)
+    args = (fmt, tokenizer, max_seq_length, system, counts)
+    train_set = _prepare(records, *args)
     if not train_set:
-        raise DataError(
-            f"{train_file}: every training example is longer than data.max_seq_length="
-            f"{max_seq_length} before its first target token (the longest has "
-            f"{counts['longest']} tokens); raise data.max_seq_length"
-        )
+        raise _too_long(train_file, "training", max_seq_length, counts["longest"])
+    valid_set = _prepare(valid_records, *args)
+    if valid_records and not valid_set:  # training would go on with no validation at all
+        raise _too_long(valid_file or train_file, "validation", max_seq_length, counts["longest"])
     lengths = [len(ex.ids) for ex in train_set]
     report = DataReport(
         format=fmt,

@@ -55,8 +55,7 @@ def check(path, saved: dict, recipe: dict, saved_digest, digest, force: bool) ->
     changed = result_changes(saved, recipe, saved_digest, digest)
     if changed and not force:
         raise RunError(
-            f"{path}: cannot resume with changed {', '.join(changed)}: the data order or the "
-            "results would no longer continue the run's; keep the run's settings (its "
-            "recipe.yaml), add --force to resume with the changes anyway, or start a new run "
-            "with another --out"
+            f"{path}: cannot resume: {', '.join(changed)} changed since the run started, which "
+            "changes the data order or the results; keep the run's settings (its recipe.yaml), "
+            "add --force to resume with the changes anyway, or start a new run with another --out"
         )

@@ -37,7 +37,7 @@ def test_changed_data_is_refused_unless_forced(run):
     with data.open("a") as f:  # one more line: the split and the order change
         f.write(data.read_text().splitlines()[0] + "\n")
     line = last_line(resume(out, "train.iters=4"))
-    assert line.startswith(f"Error: {out}: cannot resume with changed the data")
+    assert line.startswith(f"Error: {out}: cannot resume: the data (its files' contents) changed")
     assert "add --force" in line and "another --out" in line
     assert ((out / "recipe.yaml").read_text(), (out / "state.json").read_text()) == before
     forced = resume(out, "train.iters=4", force=True)
