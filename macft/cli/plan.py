@@ -4,6 +4,7 @@ from dataclasses import replace
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from macft.cli.options import set_option
@@ -47,7 +48,8 @@ def show_plan(found, machines: int, fit: bool, console: Console) -> None:
     plan, s, max_len = found.plan, found.plan.setup, found.recipe["data"]["max_seq_length"]
     longest = max(found.lengths, default=0)
     console.print(
-        f"[bold]memory plan[/] for {found.recipe['model']['path']} ({found.shape_from}), "
+        f"[bold]memory plan[/] for {escape(found.recipe['model']['path'])} "
+        f"({escape(found.shape_from)}), "
         f"{s.compute} base"
     )
     capped = f" (capped by data.max_seq_length={max_len})" if longest > max_len else ""
@@ -66,7 +68,7 @@ def show_plan(found, machines: int, fit: bool, console: Console) -> None:
         other = mp.plan(plan.shape, replace(s, grad_checkpoint=True), plan.usable)
         console.print(f"with gradient checkpointing: {mp.gb(other.total)}")
     verdict = "[green]fits[/]" if plan.fits else "[red]does not fit[/]"
-    console.print(f"usable memory ({found.where}): {mp.gb(plan.usable)} -> {verdict}")
+    console.print(f"usable memory ({escape(found.where)}): {mp.gb(plan.usable)} -> {verdict}")
     changes = found.fit()
     if not changes:
         return

@@ -33,6 +33,7 @@ def _loss(v) -> str:
 
 
 def list_runs(folders: tuple[str, ...], as_json: bool, console) -> list[dict]:
+    from rich.markup import escape
     from rich.table import Table
 
     from macft.atomic import human
@@ -44,7 +45,9 @@ def list_runs(folders: tuple[str, ...], as_json: bool, console) -> list[dict]:
         return rows
     if not rows:
         where = ", ".join(folders) or f"./{DEFAULT_ROOT}"
-        console.print(f"no runs under {where}; start one with: macft train --model M --data F")
+        console.print(
+            escape(f"no runs under {where}; start one with: macft train --model M --data F")
+        )
         return rows
     table = Table(show_header=True)
     for col, justify in (
@@ -62,7 +65,7 @@ def list_runs(folders: tuple[str, ...], as_json: bool, console) -> list[dict]:
         if r["best_step"] is not None:
             best += f" ({r['best_step']})"
         table.add_row(
-            r["path"],
+            escape(r["path"]),
             f"[{COLORS.get(r['state'], 'white')}]{r['state']}[/]",
             f"{r['step']}/{r['total_steps'] if r['total_steps'] is not None else '?'}",
             best,
@@ -73,5 +76,7 @@ def list_runs(folders: tuple[str, ...], as_json: bool, console) -> list[dict]:
     console.print(table)
     stopped = [r["path"] for r in rows if r["state"] in ("crashed", "interrupted", "failed")]
     if stopped:
-        console.print(f"continue a stopped run with: macft train --resume --out {stopped[0]}")
+        console.print(
+            escape(f"continue a stopped run with: macft train --resume --out {stopped[0]}")
+        )
     return rows

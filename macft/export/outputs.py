@@ -1,11 +1,13 @@
 """Each export output, written into a Staging area: MLX, PEFT, GGUF, GGUF adapter, Modelfile."""
 
 import json
+import shlex
 import time
 from pathlib import Path
 
 from mlx.utils import tree_flatten
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -199,12 +201,12 @@ def write_modelfile(
 
 def print_summary(console: Console, rows: list[dict], name: str, gguf: bool) -> None:
     folder = rows[0]["file"].parent if rows else None
-    table = Table(title=f"export in {folder}")
+    table = Table(title=f"export in {escape(str(folder))}")
     for col in ("file", "size", "type", "tensors", "time"):
         table.add_column(col, justify="right" if col in ("size", "tensors", "time") else "left")
     for r in rows:
         table.add_row(
-            r["file"].name + ("/" if r["file"].is_dir() else ""),
+            escape(r["file"].name + ("/" if r["file"].is_dir() else "")),
             human(r["size"]),
             r["type"],
             str(r["tensors"]),
@@ -215,20 +217,23 @@ def print_summary(console: Console, rows: list[dict], name: str, gguf: bool) -> 
     if gguf and "Modelfile" in by_name:
         console.print("import into Ollama with:")
         console.print(
-            ollama.create_command(name, by_name["Modelfile"].resolve()),
+            escape(ollama.create_command(name, by_name["Modelfile"].resolve())),
             highlight=False,
             soft_wrap=True,
         )
     if "mlx" in by_name:
         folder = by_name["mlx"]
         console.print(
-            f"chat with it: macft chat --model {folder}   (mlx_lm.load({str(folder)!r}) loads it too)",
+            escape(
+                f"chat with it: macft chat --model {shlex.quote(str(folder))}   "
+                f"(mlx_lm.load({str(folder)!r}) loads it too)"
+            ),  # fmt: skip
             highlight=False,
             soft_wrap=True,
         )
     if "peft" in by_name:
         console.print(
-            f"PEFT: PeftModel.from_pretrained(base_model, {str(by_name['peft'])!r})",
+            escape(f"PEFT: PeftModel.from_pretrained(base_model, {str(by_name['peft'])!r})"),
             highlight=False,
             soft_wrap=True,
         )

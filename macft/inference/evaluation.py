@@ -8,6 +8,7 @@ from pathlib import Path
 from mlx_lm import stream_generate
 from mlx_lm.sample_utils import make_sampler
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from macft import device
@@ -120,10 +121,10 @@ def run_eval(
     system, batch_size = d.get("system"), t.get("batch_size", TrainConfig.batch_size)
 
     device.set_wired_limit()
-    with console.status(f"loading {run.path} ..."):
+    with console.status(f"loading {escape(str(run.path))} ..."):
         cm = load_run_model(str(run.path), model, checkpoint)
     for note in cm.notes:
-        console.print(f"[yellow]note:[/] {note}")
+        console.print(f"[yellow]note:[/] {escape(note)}")
     started = time.time()
     examples = loss_examples(records, fmt, cm.tokenizer, max_len, system)
     if not examples:
@@ -163,7 +164,8 @@ def run_eval(
     summary_path = out_dir / f"{stem}.summary.json"
     atomic_write_json(summary_path, summary)
     print_summary(summary, console)
-    console.print(f"saved: {summary_path}" + (f"  answers: {per_example}" if wanted else ""))
+    saved = f"saved: {summary_path}" + (f"  answers: {per_example}" if wanted else "")
+    console.print(escape(saved))
     return summary
 
 
@@ -196,7 +198,9 @@ def _pct(before, after) -> str:
 
 def print_summary(s: dict, console: Console) -> None:
     table = Table(
-        title=f"{s['data']} ({s['loss']['examples']} examples, checkpoint {s['checkpoint']})"
+        title=escape(
+            f"{s['data']} ({s['loss']['examples']} examples, checkpoint {s['checkpoint']})"
+        )
     )
     for col in ("", "base", "fine-tune", "change"):
         table.add_column(col, justify="right" if col else "left")

@@ -165,7 +165,7 @@ def run_chat(target, model, checkpoint, compare, prompt, system, sampling: dict)
     interactive = prompt is None and sys.stdin.isatty()
     out = Console(highlight=False)
     info = out if interactive else Console(stderr=True, highlight=False)
-    with info.status(f"loading {target or model} ..."):
+    with info.status(f"loading {escape(str(target or model))} ..."):
         cm = load_run_model(target, model, checkpoint)
     what = f"{cm.base_path} + adapters {cm.adapters}" if cm.adapters else cm.base_path
     info.print(f"[bold]macft chat[/] {escape(what)}   backend: {describe_backend()}")

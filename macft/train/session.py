@@ -8,6 +8,7 @@ from pathlib import Path
 
 import mlx.core as mx
 from rich.console import Console
+from rich.markup import escape
 
 from macft import device
 from macft.config import schema
@@ -68,9 +69,11 @@ def resolve_recipe(recipe_arg, sets, shorthands: dict, resume: bool) -> tuple[di
 def load_model(recipe: dict, origin: str, console: Console):
     """The base as the recipe asks, with LoRA applied: (base, LoraInfo)."""
     m = schema.of(recipe, "model")
-    with console.status(f"loading {m.path} ..."):
+    with console.status(f"loading {escape(m.path)} ..."):
         base = load_base(m.path, bits=m.bits, group_size=m.group_size, compute=m.compute)
-    console.print(f"model: {m.path} ({base.source['kind']}, compute {base.source['compute']})")
+    console.print(
+        f"model: {escape(m.path)} ({base.source['kind']}, compute {base.source['compute']})"
+    )
     lo = schema.of(recipe, "lora")
     mx.random.seed(recipe["train"]["seed"])  # LoRA's initial A: the same seed, the same run
     try:
@@ -119,9 +122,9 @@ def run_train(recipe_arg, sets, shorthands: dict, resume: bool, console: Console
     else:
         run.check_free()
 
-    console.print(f"[bold]macft train[/] -> {out}   backend: {describe_backend()}")
+    console.print(f"[bold]macft train[/] -> {escape(str(out))}   backend: {describe_backend()}")
     if picked:
-        console.print(f"recipe: {picked} (picked for {plan.usable_gb()} usable memory)")
+        console.print(f"recipe: {escape(picked)} (picked for {plan.usable_gb()} usable memory)")
     device.set_wired_limit()
     if stream_count(cfg, world.size, quantized=recipe["model"]["compute"] == "quantized") > 1:
         # before the first evaluation (the model's load); if "auto" picks the 4-bit base after
@@ -130,7 +133,11 @@ def run_train(recipe_arg, sets, shorthands: dict, resume: bool, console: Console
     base, info = load_model(recipe, origin, console)
     train_set, valid_set, rep = load_examples(recipe, base.tokenizer, console)
     # Every rank must train on the same examples of the same model, or the sums mean nothing.
-    world.agree("data or model", parallel.fingerprint(train_set, valid_set, base.config))
+    if world.size > 1:  # the weights too: a config alone says nothing of the file behind it
+        weights = parallel.weights_digest(base.model)
+        world.agree(
+            "data or model", parallel.fingerprint(train_set, valid_set, base.config, weights)
+        )
     console.print(
         f"schedule: {describe_steps(cfg, rep.n_train, world.size)}, "
         f"lr {cfg.learning_rate:g} ({cfg.schedule})"
@@ -162,6 +169,7 @@ def run_train(recipe_arg, sets, shorthands: dict, resume: bool, console: Console
 
 
 def say_result(result, run, out: Path, machines: int, console: Console) -> None:
+    out = escape(str(out))  # a path is text, not rich markup: "a[/]b" would raise
     if result.status == "interrupted":
         console.print(
             f"[yellow]interrupted[/] at step {result.step}: checkpoint saved. "
