@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+from macft.config.validate import shown
 from macft.errors import DataError
 
 ROLES = ("system", "user", "assistant")
@@ -256,7 +257,7 @@ def _problem(rec: dict, fmt: str | None, first_line: int | None, n: int) -> str 
     """What is wrong with a parsed line given the file's format so far (None: nothing)."""
     line_fmt = detect_format(rec)
     if line_fmt is None:
-        keys = ", ".join(str(k)[:40] for k in list(rec)[:8]) or "none"
+        keys = ", ".join(shown(k)[:40] for k in list(rec)[:8]) or "none"
         return f"no known keys (found: {keys}); {HOW}"
     if fmt is not None and line_fmt != fmt:
         return (
