@@ -88,8 +88,9 @@ def choose_base(run: RunDir, base_weights: str | None) -> tuple[str, Path | None
         return ("float" if float_source(p) else "quantized"), p
     try:
         source = json.loads(run.base_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         source = {}
+    source = source if isinstance(source, dict) else {}
     if source.get("kind") == "hf" and float_source(Path(source.get("path", ""))):
         return "float", Path(source["path"])
     return "quantized", None

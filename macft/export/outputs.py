@@ -65,7 +65,13 @@ def adapter_config(cm, run: RunDir) -> dict:
     folder = Path(cm.adapters).parent
     for p in (folder / "adapter_config.json", run.config_path):
         if p.is_file():
-            return json.loads(p.read_text(encoding="utf-8"))
+            try:
+                config = json.loads(p.read_text(encoding="utf-8"))
+            except (ValueError, RecursionError):
+                config = None
+            if not isinstance(config, dict):
+                raise RunError(f"{p}: not readable JSON; copy the one written with the adapters")
+            return config
     raise RunError(f"{folder}: no adapter_config.json beside the adapters; the run is incomplete")
 
 

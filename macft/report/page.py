@@ -171,7 +171,7 @@ def _eval_section(run: RunDir, path: Path, s: dict) -> str:
     """One eval's tables and samples; a summary edited into other shapes is named, not fatal."""
     try:
         return _eval_table(s) + _samples(run, s)
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError):
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RecursionError):
         return f"<p>{escape(path.name)}: not a summary macft eval wrote; left out.</p>"
 
 

@@ -27,6 +27,7 @@ from macft.atomic import (
     why_failed,
     write_folder,
 )
+from macft.config.recipes import read_recipe_file
 from macft.errors import RunError
 from macft.runs import resume
 
@@ -154,7 +155,7 @@ class RunDir:
             self.update_state(data_digest=data_digest)
 
     def recipe(self) -> dict:
-        return yaml.safe_load(self.recipe_path.read_text(encoding="utf-8")) or {}
+        return read_recipe_file(self.recipe_path)
 
     @contextlib.contextmanager
     def lock(self):
@@ -223,7 +224,7 @@ class RunDir:
         names macft writes, so a folder of the user's own loses nothing."""
         for p in self.path.iterdir():
             m = TEMP_RE.match(p.name)
-            if m and m["name"] in RUN_FILES and not p.is_dir():
+            if m and m["name"] in (*RUN_FILES, RESERVE) and not p.is_dir():
                 p.unlink(missing_ok=True)
         if not self.checkpoints.is_dir():
             return
@@ -290,11 +291,13 @@ class RunDir:
         if not self.metrics_path.exists():
             return []
         out = []
-        for line in self.metrics_path.read_text(encoding="utf-8").splitlines():
+        for line in self.metrics_path.read_text(encoding="utf-8", errors="replace").splitlines():
             try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a torn last line from a hard crash
+                record = json.loads(line)
+            except (ValueError, RecursionError):
+                continue  # a torn last line from a hard crash (or a line someone broke)
+            if isinstance(record, dict):
+                out.append(record)
         return out
 
     @_writes("metrics.jsonl")
@@ -411,7 +414,7 @@ class RunDir:
 def _macft_own(name: str) -> bool:
     """What macft leaves in a folder before it holds a run: its lock, its reserve, temp files."""
     m = TEMP_RE.match(name)
-    return name in (".lock", RESERVE) or bool(m and m["name"] in RUN_FILES)
+    return name in (".lock", RESERVE) or bool(m and m["name"] in (*RUN_FILES, RESERVE))
 
 
 def _adapter_files(folder: Path, weights: dict, config: dict | None) -> None:

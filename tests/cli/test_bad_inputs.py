@@ -582,6 +582,29 @@ def _(w, d):
     return chat(folder, "--model", str(w.model)), [f"{f}: not readable JSON", "fix it"]
 
 
+@case("adapters-config-deep-nesting")
+def _(w, d):
+    folder = d / "adapters"
+    folder.mkdir()
+    shutil.copy(w.run / "adapters.safetensors", folder)
+    f = put(folder / "adapter_config.json", "[" * 50_000 + "]" * 50_000)
+    return chat(folder, "--model", str(w.model)), [f"{f}: not readable JSON", "copy the"]
+
+
+@case("run-recipe-yaml-damaged")
+def _(w, d):
+    run = copy_run(w, d)
+    put(run / "recipe.yaml", "model: {path: [\n")
+    return chat(run), [f"{run}/recipe.yaml:", "not valid YAML", "fix the syntax"]
+
+
+@case("run-state-json-damaged")
+def _(w, d):
+    run = copy_run(w, d)
+    put(run / "state.json", "[" * 50_000 + "]" * 50_000)
+    return ["train", "--resume", "--out", str(run)], [f"{run}/state.json: damaged", "delete it"]
+
+
 @case("adapters-truncated")
 def _(w, d):
     f = copy_run(w, d) / "adapters.safetensors"

@@ -229,6 +229,16 @@ def test_a_folder_moved_aside_comes_back_when_its_swap_was_killed(tmp_path):
         assert leftovers(run.path) == [] and run.best is not None
 
 
+def test_metrics_lines_someone_broke_are_skipped_not_fatal(tmp_path):
+    run = RunDir(tmp_path / "a")
+    run.create(RECIPE)
+    run.append_metrics({"step": 5})
+    with open(run.metrics_path, "a") as f:
+        f.write('{"step": ' + "9" * 5000 + "}\n" + "[" * 5000 + "]" * 5000 + "\n[1, 2]\n")
+    run.append_metrics({"step": 10})
+    assert [r["step"] for r in run.read_metrics()] == [5, 10]
+
+
 def test_append_after_a_torn_line_starts_a_new_one(tmp_path):
     run = RunDir(tmp_path / "a")
     run.create(RECIPE)
