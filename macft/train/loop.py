@@ -119,9 +119,9 @@ def train(
                     loss, n_targets = (loss.item(), n_targets) if ok else (0.0, 0)
                     seconds = time.perf_counter() - started
                     t.state.commit(step, epoch, index, loss, n_targets, n_inputs, seconds)
+                    divergence.count(t.state, ok)
                     t.clock.tick()
                 t.result.losses[step] = loss / max(n_targets, 1) if ok else float("nan")
-                divergence.count(t.state, ok)
                 stop = t.after_step(step, lr, experts, callback)
                 divergence.check(t.state, step, cfg, run.path)
                 if stop:
