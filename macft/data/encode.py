@@ -119,7 +119,9 @@ def _spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]
 
 def _generation_prompt(tokenizer, messages: list[dict]) -> str | None:
     """What add_generation_prompt appends before an assistant turn (e.g. ChatML's header)."""
-    first = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    first = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), None)
+    if first is None:
+        return None
     plain, gen = (
         _render(tokenizer, messages[:first], False),
         _render(tokenizer, messages[:first], True),
