@@ -74,19 +74,21 @@ def plain_rows(columns: list[Column], rows: list[list]) -> list[str]:
 def print_table(console: Console, columns: list[Column], rows: list[list], title: str = "") -> None:
     """rich's table in a terminal; elsewhere the title, then plain_rows.
 
-    Cells are plain strings (numbers are made strings), or rich Text for a styled cell."""
+    Cells are plain strings (numbers are made strings, never read as markup), or rich Text for a
+    styled cell."""
     if not console.is_terminal:
         for line in ([title] if title else []) + plain_rows(columns, rows):
             console.out(line, highlight=False)
         return
-    table = Table(title=title or None)
+    table = Table(title=Text(title) if title else None)
     for c in columns:
         overflow = "fold" if c.fold else "ellipsis"
         table.add_column(
             c.header, justify="right" if c.right else "left", overflow=overflow, no_wrap=c.no_wrap
         )
     for row in rows:
-        table.add_row(*row)
+        # A plain string is shown as it is: a path or a name never reads as rich markup.
+        table.add_row(*(cell if isinstance(cell, Text) else Text(str(cell)) for cell in row))
     console.print(table)
 
 

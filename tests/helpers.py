@@ -2,8 +2,12 @@
 GGUF files written and read back, llama.cpp runs, and comparisons. Tests import from here,
 never from each other."""
 
+import contextlib
+import errno
 import json
+import os
 import re
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -656,3 +660,32 @@ def assert_documented_keys(doc, command: str) -> None:
 
 # An SGR escape that sets a colour (30-38, 40-48, 90-97, 100-107), not just bold or italic.
 COLOUR = re.compile(r"\x1b\[(?:\d+;)*(?:3[0-8]|4[0-8]|9[0-7]|10[0-7])(?:;\d+)*m")
+
+
+# ---- real failures: a small disk -----------------------------------------------------------
+@contextlib.contextmanager
+def small_disk(path: Path, size: str):
+    """A real tmpfs of `size` (e.g. "4m") mounted at `path`; skips where mounting is not allowed
+    (not root)."""
+    path.mkdir(parents=True, exist_ok=True)
+    cmd = ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)]
+    if os.geteuid() != 0 or subprocess.run(cmd, capture_output=True).returncode != 0:
+        pytest.skip("a small real disk needs root (mount -t tmpfs)")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill_disk(folder: Path) -> Path:
+    """Write into `folder` until its file system refuses (ENOSPC); returns the filler file."""
+    filler = folder / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError as e:
+        assert e.errno == errno.ENOSPC, e
+    finally:
+        os.close(fd)
+    return filler

@@ -37,9 +37,13 @@ from macft.export.gguf import QTYPES
     "for the run's own quantized base. Default: the run's full-precision source when at hand.",
 )
 @click.option("--name", help="Ollama model name (default: the run folder's name).")
+@click.option(
+    "--force", is_flag=True, help="Replace files in --out that macft did not write there."
+)
 def command(
-    run, out, dtype, quantize, gguf, quant, adapter_only, peft, checkpoint, base_weights, name
-):
+    run, out, dtype, quantize, gguf, quant, adapter_only, peft, checkpoint, base_weights, name,
+    force,
+):  # fmt: skip
     """Merge a run's adapters into its base: an MLX folder, a GGUF + Modelfile, or PEFT.
 
     \b
@@ -63,4 +67,5 @@ def command(
         base_weights,
         name,
         console(soft_wrap=True),  # paths and commands stay whole, ready to copy
+        force,
     )

@@ -3,6 +3,7 @@
 from dataclasses import replace
 
 import click
+from rich.markup import escape
 from rich.text import Text
 
 from macft.cli.options import console, json_option, set_option
@@ -118,7 +119,8 @@ def print_plan(r: dict, console) -> None:
     from macft.train import memory as mp
 
     console.print(
-        f"[bold]memory plan[/] for {r['model']} ({r['shapes_from']}), {r['compute']} base"
+        f"[bold]memory plan[/] for {escape(r['model'])} ({escape(r['shapes_from'])}), "
+        f"{r['compute']} base"
     )
     capped = ""
     if r["longest_tokens"] > r["max_seq_length"]:
@@ -142,7 +144,7 @@ def print_plan(r: dict, console) -> None:
     if r["with_grad_checkpoint_bytes"] is not None:
         console.print(f"with gradient checkpointing: {mp.gb(r['with_grad_checkpoint_bytes'])}")
     verdict = "[green]fits[/]" if r["fits"] else "[red]does not fit[/]"
-    console.print(f"usable memory ({r['where']}): {mp.gb(r['usable_bytes'])} -> {verdict}")
+    console.print(f"usable memory ({escape(r['where'])}): {mp.gb(r['usable_bytes'])} -> {verdict}")
 
 
 def print_fit(r: dict, console) -> None:
@@ -153,4 +155,5 @@ def print_fit(r: dict, console) -> None:
         return
     console.print(f"to fit: {set_flags([(c['key'], c['value']) for c in r['to_fit']])}")
     if r["adjusted_recipe"] is not None:
-        console.print("adjusted recipe:\n" + dump(r["adjusted_recipe"]))
+        # YAML lists are [a, b]: printed as they are, not read as markup
+        console.print("adjusted recipe:\n" + dump(r["adjusted_recipe"]), markup=False)

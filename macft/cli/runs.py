@@ -1,6 +1,7 @@
 """`macft runs`: the run folders with their state, steps, validation loss, size and age."""
 
 import click
+from rich.markup import escape
 
 from macft.cli.options import console, json_option
 from macft.console import Column, print_json, print_table
@@ -67,9 +68,13 @@ def print_runs(rows: list[dict], folders: tuple[str, ...], console) -> None:
 
     if not rows:
         where = ", ".join(folders) or f"./{DEFAULT_ROOT}"
-        console.print(f"no runs under {where}; start one with: macft train --model M --data F")
+        console.print(
+            escape(f"no runs under {where}; start one with: macft train --model M --data F")
+        )
         return
     print_table(console, COLUMNS, [_cells(r) for r in rows])
     stopped = [r["path"] for r in rows if r["state"] in ("crashed", "interrupted", "failed")]
     if stopped:
-        console.print(f"continue a stopped run with: macft train --resume --out {stopped[0]}")
+        console.print(
+            escape(f"continue a stopped run with: macft train --resume --out {stopped[0]}")
+        )

@@ -16,7 +16,12 @@ from macft.config.schema import reference_help
 @click.option("--out", "-o", help="Run folder (default runs/<data name>).")
 @set_option("Override any recipe key, e.g. train.iters=200 (the keys are listed below).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
-@click.option("--force", is_flag=True, help="Start even when the memory plan says it will not fit.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Start even when the memory plan says it will not fit; with --resume, continue even "
+    "with changed data or settings that change the data order or the result.",
+)
 @click.option(
     "--hosts",
     help="Train on several Macs at once, e.g. mac1.local,mac2.local (batch_size per Mac; "

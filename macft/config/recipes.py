@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-from macft.config.validate import validate
+from macft.config.validate import shown, validate
 from macft.errors import DataError, RecipeError
 
 
@@ -40,9 +40,10 @@ def read_recipe_file(path: Path) -> dict:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise RecipeError(
-            f"{where}: not valid YAML ({getattr(e, 'problem', e)}); fix the syntax"
-        ) from None
+        why = " ".join(str(getattr(e, "problem", None) or e).split())[:200]  # one line
+        raise RecipeError(f"{where}: not valid YAML ({why}); fix the syntax") from None
+    except RecursionError:
+        raise RecipeError(f"{path}: nested too deeply to be a recipe; fix the file") from None
     except (OSError, UnicodeDecodeError) as e:
         raise RecipeError(f"{path}: cannot read the recipe ({e})") from None
     if data is None:
@@ -55,10 +56,10 @@ def read_recipe_file(path: Path) -> dict:
 def parse_set(item: str) -> tuple[str, Any]:
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
-        raise RecipeError(f"--set {item}: expected KEY=VALUE, e.g. --set train.iters=200")
+        raise RecipeError(f"--set {shown(item)}: expected KEY=VALUE, e.g. --set train.iters=200")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         value = raw
     return key.strip(), value
 
@@ -69,7 +70,7 @@ def apply_override(tree: dict, dotted: str, value: Any) -> None:
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise RecipeError(f"--set {dotted}: {part} is not a section")
+            raise RecipeError(f"--set {shown(dotted)}: {shown(part)} is not a section")
     node[parts[-1]] = value
 
 

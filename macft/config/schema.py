@@ -12,6 +12,9 @@ from typing import Any
 REQUIRED = object()  # the default of a key that has none: the user must give it
 COMPUTE = ("auto", "quantized", "float32", "bfloat16", "float16")
 DEFAULT_EPOCHS = 2.0  # when neither train.iters nor train.epochs is set
+MAX_STEPS = 10**9  # a bound for step counts: beyond it a number is a typo, not a plan
+# Sections a resumed run must keep whole: the checkpoint's adapters depend on them.
+FIXED_ON_RESUME = ("model", "lora")
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,8 @@ class Key:
     help: str = ""
     example: str = ""  # shown in the reference for a required key
     flag: str = ""  # the command-line option that sets it too
+    # --resume refuses a change (unless --force): it changes the data order or the result
+    same_on_resume: bool = False
 
 
 def key(default, kind: str, help: str = "", **spec):
@@ -48,7 +53,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class LoraConfig:
     rank: int = key(16, "int", lo=1, hi=1024)
-    alpha: float = key(32.0, "float", "scale = alpha / rank, as in PEFT", lo=1e-9)
+    alpha: float = key(32.0, "float", "scale = alpha / rank, as in PEFT", lo=1e-9, hi=1e6)
     dropout: float = key(0.05, "float", lo=0.0, hi=0.9)
     targets: Any = key(
         "all-linear", "targets",
@@ -65,39 +70,57 @@ class DataConfig:
         REQUIRED, "str", "a .jsonl file or a folder with train.jsonl",
         example="net.jsonl", flag="--data FILE",
     )  # fmt: skip
-    max_seq_length: int = key(2048, "int", "longer examples are cut", lo=8, hi=1 << 20)
-    valid_fraction: float = key(
-        0.1, "float", "held out for validation when there is no valid.jsonl", lo=0.0, hi=0.5
+    max_seq_length: int = key(
+        2048, "int", "longer examples are cut", lo=8, hi=1 << 20, same_on_resume=True
     )
-    system: str | None = key(None, "opt_str", "system prompt for chat data that has none")
+    valid_fraction: float = key(
+        0.1, "float", "held out for validation when there is no valid.jsonl", lo=0.0, hi=0.5,
+        same_on_resume=True,
+    )  # fmt: skip
+    system: str | None = key(
+        None, "opt_str", "system prompt for chat data that has none", same_on_resume=True
+    )
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    iters: int | None = key(None, "opt_int", "optimizer steps; or", lo=1)
+    iters: int | None = key(None, "opt_int", "optimizer steps; or", lo=1, hi=MAX_STEPS)
     epochs: float | None = key(
         None, "opt_float", f"passes over the data ({DEFAULT_EPOCHS:g} when neither is set)",
-        lo=0.01,
+        lo=0.01, hi=1e6,
     )  # fmt: skip
-    batch_size: int = key(1, "int", "examples per micro-batch", lo=1, hi=4096)
+    batch_size: int = key(1, "int", "examples per micro-batch", lo=1, hi=4096, same_on_resume=True)
     grad_accumulation: int = key(
-        8, "int", "micro-batches per step, weighted by tokens", lo=1, hi=4096
+        8, "int", "micro-batches per step, weighted by tokens", lo=1, hi=4096,
+        same_on_resume=True,
+    )  # fmt: skip
+    learning_rate: float = key(2e-4, "float", lo=1e-9, hi=1.0, same_on_resume=True)
+    warmup: int = key(
+        10, "int", "steps of linear warmup from 0", lo=0, hi=MAX_STEPS, same_on_resume=True
     )
-    learning_rate: float = key(2e-4, "float", lo=1e-9, hi=1.0)
-    warmup: int = key(10, "int", "steps of linear warmup from 0", lo=0)
-    schedule: str = key("cosine", "choice", choices=("cosine", "constant"))
-    min_lr_ratio: float = key(0.1, "float", "cosine ends at this share of lr", lo=0.0, hi=1.0)
-    weight_decay: float = key(0.0, "float", lo=0.0, hi=1.0)
-    max_grad_norm: float = key(1.0, "float", "gradient clipping; 0 = off", lo=0.0)
-    eval_every: int = key(50, "int", "steps between validations; 0 = only at the end", lo=0)
-    eval_batches: int = key(0, "int", "0 = the whole validation set", lo=0)
-    save_every: int = key(100, "int", "steps between checkpoints; 0 = only at the end", lo=0)
+    schedule: str = key("cosine", "choice", choices=("cosine", "constant"), same_on_resume=True)
+    min_lr_ratio: float = key(
+        0.1, "float", "cosine ends at this share of lr", lo=0.0, hi=1.0, same_on_resume=True
+    )
+    weight_decay: float = key(0.0, "float", lo=0.0, hi=1.0, same_on_resume=True)
+    max_grad_norm: float = key(
+        1.0, "float", "gradient clipping; 0 = off", lo=0.0, hi=1e6, same_on_resume=True
+    )
+    eval_every: int = key(
+        50, "int", "steps between validations; 0 = only at the end", lo=0, hi=MAX_STEPS
+    )
+    eval_batches: int = key(
+        0, "int", "0 = the whole validation set", lo=0, hi=MAX_STEPS, same_on_resume=True
+    )
+    save_every: int = key(
+        100, "int", "steps between checkpoints; 0 = only at the end", lo=0, hi=MAX_STEPS
+    )
     grad_checkpoint: bool = key(True, "bool", "recompute each layer in the backward pass")
-    seed: int = key(0, "int", lo=0)
+    seed: int = key(0, "int", lo=0, hi=2**32 - 1, same_on_resume=True)
     early_stopping: int = key(
-        0, "int", "evaluations without improvement before stopping; 0 = off", lo=0
+        0, "int", "evaluations without improvement before stopping; 0 = off", lo=0, hi=MAX_STEPS
     )
-    report_every: int = key(5, "int", "steps between progress lines", lo=1)
+    report_every: int = key(5, "int", "steps between progress lines", lo=1, hi=MAX_STEPS)
     pack: bool = key(
         True, "bool", "several examples per row, each seeing only itself, positions from 0"
     )
@@ -105,12 +128,12 @@ class TrainConfig:
         "auto", "auto_int",
         "LM head + loss on target positions only, N at a time; 0 = full logits; "
         "auto: 64 on a CPU, 128 on a Mac",
-        lo=0,
+        lo=0, hi=1 << 20,
     )  # fmt: skip
     compile: bool = key(True, "bool", "one compiled graph per batch shape; false = op by op")
     moe_aux_loss: float = key(
         0.0, "float", "MoE load-balancing loss weight (with lora.router: true); 0 = off",
-        lo=0.0, hi=1.0,
+        lo=0.0, hi=1.0, same_on_resume=True,
     )  # fmt: skip
 
 

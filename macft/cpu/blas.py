@@ -7,6 +7,8 @@ import platform
 import sys
 from pathlib import Path
 
+from macft.relaunch import macft_command
+
 # Debian/Ubuntu OpenBLAS. MLX's CPU wheel ships a reference BLAS (about 3 GFLOP/s here);
 # preloading OpenBLAS makes the same float32 matmul about 70x faster.
 OPENBLAS_CANDIDATES = (
@@ -37,7 +39,8 @@ def reexec_with_fast_blas() -> None:
     env = dict(os.environ)
     env["LD_PRELOAD"] = ":".join(p for p in (lib, env.get("LD_PRELOAD")) if p)
     env[NO_FAST_BLAS_ENV] = "1"  # never loop, even if the preload is dropped
-    os.execve(sys.executable, [sys.executable, "-m", "macft", *sys.argv[1:]], env)
+    # not `python -m macft`: that would import modules from the working folder first
+    os.execve(sys.executable, macft_command(*sys.argv[1:]), env)
 
 
 @contextlib.contextmanager

@@ -3,6 +3,7 @@
 import os
 import platform
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
@@ -28,6 +29,28 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "macft"
 
 
+def _own_folder(folder: Path, mode: int) -> bool:
+    """`folder` exists (made here if missing) as a real folder of this user that no one else
+    may write: MLX runs the g++ found in one and loads kernels by name from the other."""
+    try:
+        folder.mkdir(mode=mode, parents=True, exist_ok=True)
+        st = os.lstat(folder)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+
+def _kernel_folder() -> Path | None:
+    """$TMPDIR/macft-native-<uid>, unless another user made it first (or a link sits there):
+    then the same name in macft's cache folder."""
+    temp = Path(tempfile.gettempdir())
+    shared = temp if temp.name == _NATIVE_TEMP else temp / _NATIVE_TEMP
+    for folder in (shared, _cache_dir() / _NATIVE_TEMP):
+        if _own_folder(folder, 0o700):
+            return folder
+    return None
+
+
 def native_kernels() -> bool:
     """Whether MLX's CPU kernels are built for this CPU's AVX2 and FMA (see use_native_kernels)."""
     folder = str(_cache_dir() / "native-gxx")
@@ -41,7 +64,8 @@ def use_native_kernels() -> bool:
     baseline x86-64: each exp calls libm's fma and little is vectorised. A `g++` first on PATH
     that adds -mavx2 -mfma makes the compiled training step ~20% faster on a 2-core EPYC.
     MLX keeps built kernels by name in $TMPDIR/mlx and never rebuilds one it finds there, so
-    these get a temp folder of their own: a kernel built without the flags is never reused.
+    these get a temp folder of their own: a kernel built without the flags is never reused,
+    and none another user planted there is loaded (see _kernel_folder).
     Opt out with MACFT_NO_NATIVE_KERNELS=1.
     """
     if (
@@ -56,14 +80,13 @@ def use_native_kernels() -> bool:
     gxx = shutil.which("g++", path=os.pathsep.join(path))
     if gxx is None:
         return False  # MLX then runs the step's ops one by one, as without compile
-    temp = Path(tempfile.gettempdir())
-    kernels = temp if temp.name == _NATIVE_TEMP else temp / _NATIVE_TEMP
+    kernels = _kernel_folder()
+    if kernels is None or not _own_folder(folder, 0o755):
+        return False
     script, text = folder / "g++", f'#!/bin/sh\nexec "{gxx}" {" ".join(NATIVE_FLAGS)} "$@"\n'
     try:
         if not (script.is_file() and script.read_text() == text):
-            folder.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(script, text.encode(), mode=0o755)
-        kernels.mkdir(mode=0o700, exist_ok=True)
     except OSError:
         return False
     os.environ["TMPDIR"] = str(kernels)

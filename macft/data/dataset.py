@@ -1,12 +1,14 @@
 """A data file or folder -> checked, split, tokenized and cut examples, and a report of it all."""
 
+import hashlib
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from macft.data.encode import Example, encode_record
-from macft.data.jsonl import read_jsonl
+from macft.data.jsonl import read_jsonl_numbered
 from macft.errors import DataError
 
 
@@ -52,17 +54,30 @@ def _listing(folder: Path) -> str:
     return shown or "nothing (it is empty)"
 
 
+def _kind(path: Path) -> str:
+    mode = path.stat().st_mode
+    return "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a file"
+
+
+def _regular(path: Path, fix: str) -> Path:
+    """`path` if it is a regular file: reading a FIFO or a device would hang or never end."""
+    if not path.is_file():
+        raise DataError(f"{path} is {_kind(path)}, not a regular file; {fix}")
+    return path
+
+
 def _find_files(path: Path) -> tuple[Path, Path | None]:
     if path.is_dir():
         train, valid = path / "train.jsonl", path / "valid.jsonl"
-        if not train.is_file():
+        if not train.exists():
             raise DataError(
                 f"{path}: no train.jsonl in this folder (it has: {_listing(path)}); "
                 "put the training lines in train.jsonl (and optionally valid.jsonl)"
             )
-        return train, valid if valid.is_file() else None
-    if path.is_file():
-        return path, None
+        fix = "put the lines in a .jsonl file of that name"
+        return _regular(train, fix), _regular(valid, fix) if valid.exists() else None
+    if path.exists():
+        return _regular(path, "give a .jsonl file or a folder with train.jsonl"), None
     parent = path.parent if path.parent.is_dir() else None
     there = (
         f"; {parent} has: {_listing(parent)}"
@@ -72,6 +87,67 @@ def _find_files(path: Path) -> tuple[Path, Path | None]:
     raise DataError(
         f"{path} does not exist{there}. Give a .jsonl file or a folder with train.jsonl"
     )
+
+
+def data_digest(path: str | Path) -> str:
+    """A digest of the data files' bytes (train.jsonl and valid.jsonl of a folder): a resumed
+    run compares it, so edited data is noticed before it mixes into the run."""
+    train, valid = _find_files(Path(path))
+    h = hashlib.sha256()
+    for name, file in (("train", train), ("valid", valid)):
+        if file is not None:
+            h.update(name.encode() + b"\0")
+            try:
+                with open(file, "rb") as f:
+                    while chunk := f.read(1 << 20):
+                        h.update(chunk)
+            except OSError as e:
+                raise DataError(f"{file}: cannot read: {e.strerror}") from None
+    return "sha256:" + h.hexdigest()
+
+
+def _records(train_file: Path, valid_file: Path | None, fraction: float, seed: int):
+    """(train, valid, format, where valid came from): [(file, line, record)] each."""
+    numbered, fmt = read_jsonl_numbered(train_file)
+    records = [(train_file, n, rec) for n, rec in numbered]
+    if valid_file is not None:
+        valid, valid_fmt = read_jsonl_numbered(valid_file)
+        if valid_fmt != fmt:
+            raise DataError(
+                f"{valid_file}: the lines are {valid_fmt} format while {train_file} is {fmt}; "
+                "use the same format in both files"
+            )
+        return records, [(valid_file, n, rec) for n, rec in valid], fmt, str(valid_file)
+    train_idx, valid_idx = _split(len(records), fraction, seed)
+    source = f"held out from {train_file}: {len(valid_idx)} lines" if valid_idx else "none"
+    return [records[i] for i in train_idx], [records[i] for i in valid_idx], fmt, source
+
+
+def _too_long(file, what: str, max_seq_length: int, longest: int) -> DataError:
+    return DataError(
+        f"{file}: every {what} example is longer than data.max_seq_length={max_seq_length} "
+        f"before its first target token (the longest has {longest} tokens); raise "
+        "data.max_seq_length"
+    )
+
+
+def _prepare(records, fmt, tokenizer, max_seq_length, system, counts) -> list[Example]:
+    """Tokenized, masked and cut examples; an example with nothing left to learn is dropped."""
+    out = []
+    for file, line, rec in records:
+        try:
+            ex = encode_record(_clip(rec, 64 * max_seq_length), fmt, tokenizer, system)
+        except DataError as e:
+            raise DataError(f"{file}:{line}: {e}") from e
+        counts["longest"] = max(counts["longest"], len(ex.ids))
+        if len(ex.ids) > max_seq_length:
+            counts["truncated"] += 1
+            ex = Example(ex.ids[:max_seq_length], ex.mask[:max_seq_length])
+        if not ex.mask.any():
+            counts["dropped"] += 1  # nothing left to learn from after the cut
+            continue
+        out.append(ex)
+    return out
 
 
 def load_data(
@@ -84,49 +160,17 @@ def load_data(
 ) -> tuple[list[Example], list[Example], DataReport]:
     """Read, check, split, tokenize and truncate; the report counts every cut and drop."""
     train_file, valid_file = _find_files(Path(path))
-    records, fmt = read_jsonl(train_file)
-    if valid_file is not None:
-        valid_records, valid_fmt = read_jsonl(valid_file)
-        if valid_fmt != fmt:
-            raise DataError(
-                f"{valid_file}: the lines are {valid_fmt} format while {train_file} is {fmt}; "
-                "use the same format in both files"
-            )
-        valid_source = str(valid_file)
-    else:
-        train_idx, valid_idx = _split(len(records), valid_fraction, seed)
-        valid_records = [records[i] for i in valid_idx]
-        records = [records[i] for i in train_idx]
-        valid_source = (
-            f"held out from {train_file}: {len(valid_idx)} lines" if valid_idx else "none"
-        )
-
+    records, valid_records, fmt, valid_source = _records(
+        train_file, valid_file, valid_fraction, seed
+    )
     counts = {"truncated": 0, "dropped": 0, "longest": 0}
-
-    def prepare(recs: list[dict]) -> list[Example]:
-        out = []
-        for rec in recs:
-            try:
-                ex = encode_record(_clip(rec, 64 * max_seq_length), fmt, tokenizer, system)
-            except DataError as e:
-                raise DataError(f"{train_file}: {e}") from e
-            counts["longest"] = max(counts["longest"], len(ex.ids))
-            if len(ex.ids) > max_seq_length:
-                counts["truncated"] += 1
-                ex = Example(ex.ids[:max_seq_length], ex.mask[:max_seq_length])
-            if not ex.mask.any():
-                counts["dropped"] += 1  # nothing left to learn from after the cut
-                continue
-            out.append(ex)
-        return out
-
-    train_set, valid_set = prepare(records), prepare(valid_records)
+    args = (fmt, tokenizer, max_seq_length, system, counts)
+    train_set = _prepare(records, *args)
     if not train_set:
-        raise DataError(
-            f"{train_file}: every training example is longer than data.max_seq_length="
-            f"{max_seq_length} before its first target token (the longest has "
-            f"{counts['longest']} tokens); raise data.max_seq_length"
-        )
+        raise _too_long(train_file, "training", max_seq_length, counts["longest"])
+    valid_set = _prepare(valid_records, *args)
+    if valid_records and not valid_set:  # training would go on with no validation at all
+        raise _too_long(valid_file or train_file, "validation", max_seq_length, counts["longest"])
     lengths = [len(ex.ids) for ex in train_set]
     report = DataReport(
         format=fmt,

@@ -1,11 +1,15 @@
 """One record -> token ids and a loss mask: through the chat template, loss on the answers only."""
 
+import bisect
 from dataclasses import dataclass
 
 import numpy as np
 
 from macft.errors import DataError
 from macft.models.mlx_lm_compat import TokenizerWrapper
+
+# Placeholders for contents while the template renders (Unicode private-use characters).
+MARK = ("\ue000", "\ue001")
 
 
 @dataclass
@@ -80,7 +84,91 @@ def _turn_end(tokenizer, new: list[int], eos: set[int]) -> int:
 
 
 def _encode_chat(tokenizer, messages: list[dict]) -> Example:
-    """Mark the tokens each assistant turn adds to the rendered conversation."""
+    """Mark each assistant turn's tokens: in one render and one tokenization when the template
+    leaves the contents as they are (a conversation of thousands of turns stays linear), else
+    by rendering each prefix."""
+    linear = _encode_chat_linear(tokenizer, messages)
+    return linear if linear is not None else _encode_chat_by_prefixes(tokenizer, messages)
+
+
+def _spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]] | None:
+    """The rendered conversation and each message's content span in it, found by rendering
+    numbered placeholders; None when the template treats the real contents otherwise."""
+    if any(MARK[0] in m["content"] or MARK[1] in m["content"] for m in messages):
+        return None
+    marks = [f"{MARK[0]}{i}{MARK[1]}" for i in range(len(messages))]
+    marked = _render(
+        tokenizer, [{**m, "content": k} for m, k in zip(messages, marks, strict=True)], False
+    )
+    pieces, spans, cursor, length = [], [], 0, 0
+    for m, k in zip(messages, marks, strict=True):
+        at = marked.find(k, cursor)
+        if at < 0:
+            return None
+        pieces += [marked[cursor:at], m["content"]]
+        length += at - cursor
+        spans.append((length, length + len(m["content"])))
+        length += len(m["content"])
+        cursor = at + len(k)
+    pieces.append(marked[cursor:])
+    text = "".join(pieces)
+    if MARK[0] in marked[cursor:] or text != _render(tokenizer, messages, False):
+        return None
+    return text, spans
+
+
+def _generation_prompt(tokenizer, messages: list[dict]) -> str | None:
+    """What add_generation_prompt appends before an assistant turn (e.g. ChatML's header)."""
+    first = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), None)
+    if first is None:
+        return None
+    plain, gen = (
+        _render(tokenizer, messages[:first], False),
+        _render(tokenizer, messages[:first], True),
+    )
+    return gen[len(plain) :] if gen.startswith(plain) else None
+
+
+def _encode_chat_linear(tokenizer, messages: list[dict]) -> Example | None:
+    """Targets from each assistant content's start (where the generation prompt ends) through
+    its end-of-turn token, placed on the whole conversation's tokens by their character
+    offsets: what rendering each prefix gives, for templates that keep contents as they are."""
+    found = _spans(tokenizer, messages)
+    prompt = _generation_prompt(tokenizer, messages)
+    if found is None or not prompt:
+        return None
+    text, spans = found
+    hf = tokenizer._tokenizer if isinstance(tokenizer, TokenizerWrapper) else tokenizer
+    try:
+        enc = hf(text, add_special_tokens=False, return_offsets_mapping=True)
+    except (NotImplementedError, TypeError, ValueError):
+        return None  # a tokenizer without char offsets
+    ids, ends = list(enc["input_ids"]), [e for _, e in enc["offset_mapping"]]
+    eos, targets, j = _eos_ids(tokenizer), [], 0
+    for i, m in enumerate(messages):
+        start_char = spans[i][0]
+        if m["role"] != "assistant":
+            continue
+        if text[start_char - len(prompt) : start_char] != prompt:
+            return None  # this turn is not rendered as a reply to the generation prompt
+        while j < len(ids) and ends[j] <= start_char:  # a token across the boundary is a target
+            j += 1
+        limit = _token_at(ends, spans[i + 1][0]) if i + 1 < len(messages) else len(ids)
+        end = next((k + 1 for k in range(j, limit) if ids[k] in eos), None)
+        if end is None:
+            return None  # no end-of-turn token: trailing whitespace rules, the slow way
+        targets.append((j, end))
+    return _example(ids, targets)
+
+
+def _token_at(ends: list[int], char: int) -> int:
+    """The first token ending after `char`."""
+    return bisect.bisect_right(ends, char)
+
+
+def _encode_chat_by_prefixes(tokenizer, messages: list[dict]) -> Example:
+    """Mark the tokens each assistant turn adds to the rendered conversation, rendering and
+    tokenizing the conversation up to each turn."""
     full = _encode(tokenizer, _render(tokenizer, messages, False))
     eos, targets = _eos_ids(tokenizer), []
     for i, m in enumerate(messages):

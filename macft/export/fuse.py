@@ -5,6 +5,7 @@ from pathlib import Path
 
 import mlx.core as mx
 from rich.console import Console
+from rich.markup import escape
 
 from macft import device
 from macft.console import make_console
@@ -21,7 +22,7 @@ from macft.export.outputs import (
     write_modelfile,
     write_peft_folder,
 )
-from macft.export.staging import Staging, check_free_space
+from macft.export.staging import Staging, check_free_space, check_replaceable
 from macft.lora.apply import lora_layers
 from macft.models import Base, load_base, resolve_model_path
 from macft.models.quant import parameter_count
@@ -90,8 +91,9 @@ def choose_base(run: RunDir, base_weights: str | None) -> tuple[str, Path | None
         return ("float" if float_source(p) else "quantized"), p
     try:
         source = json.loads(run.base_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         source = {}
+    source = source if isinstance(source, dict) else {}
     if source.get("kind") == "hf" and float_source(Path(source.get("path", ""))):
         return "float", Path(source["path"])
     return "quantized", None
@@ -153,6 +155,7 @@ def run_fuse(
     base_weights: str | None = None,
     name: str | None = None,
     console: Console | None = None,
+    force: bool = False,
 ) -> list[dict]:
     console = console or make_console(soft_wrap=True)
     _check_options(gguf, quant, adapter_only, peft, quantize, dtype)
@@ -160,8 +163,11 @@ def run_fuse(
     name = ollama.check_name(name or ollama.default_name(run.path))
     out_dir = Path(out).expanduser() if out else run.path / "export"
     quant = quant or "f16"
+    fused_wanted = not adapter_only and (gguf or not peft)
+    names = output_names(gguf, quant, adapter_only, peft, fused_wanted, name)
+    check_replaceable(out_dir, list(names.values()), own=out is None, force=force)
     mode, path = choose_base(run, base_weights)
-    console.print(f"[bold]macft fuse[/] {run.path} -> {out_dir}")
+    console.print(f"[bold]macft fuse[/] {escape(str(run.path))} -> {escape(str(out_dir))}")
     # Loading and merging free one float matrix after another: MLX would keep each for reuse
     # (its buffer cache), and an export needs memory more than it needs the reuse.
     device.limit_cache(EXPORT_CACHE_BYTES)
@@ -174,14 +180,15 @@ def run_fuse(
 
         resolve(cm.model, cm.config)  # an architecture GGUF cannot hold: say so before any work
     for note in cm.notes:
-        console.print(f"[yellow]note:[/] {note}")
+        console.print(f"[yellow]note:[/] {escape(note)}")
     layers = lora_layers(cm.model)
     console.print(
-        f"adapters: {cm.adapters} ({len(layers)} LoRA layers{', DoRA' if layers and layers[0][1].dora else ''})"
+        f"adapters: {escape(str(cm.adapters))} ({len(layers)} LoRA layers"
+        f"{', DoRA' if layers and layers[0][1].dora else ''})"
     )
-    fused_wanted = not adapter_only and (gguf or not peft)
     if fused_wanted:
-        console.print(f"merging into: {_merge_target(mode, path, cm, layers, base_weights)}")
+        target = _merge_target(mode, path, cm, layers, base_weights)
+        console.print(f"merging into: {escape(target)}")
 
     dtype = dtype or default_dtype(quant, cm.config, cm.source if mode == "float" else {})
     plan = {
@@ -195,25 +202,38 @@ def run_fuse(
     n_adapter = sum(m.lora_a.size + m.lora_b.size for _, m in layers)
     check_free_space(out_dir, _estimate(parameter_count(cm.model), n_adapter, plan))
     with Staging(out_dir) as stage:
-        rows = _write(stage, cm, run, plan, dtype, name, Steps(console), console)
+        rows = _write(stage, cm, run, plan, dtype, names, Steps(console), console)
         stage.commit()
     print_summary(console, rows, name, gguf)
     return rows
 
 
-def _write(stage: Staging, cm, run: RunDir, plan: dict, dtype: str, name: str, steps, console):
+def output_names(gguf, quant, adapter_only, peft, fused, name: str) -> dict[str, str]:
+    """What an export writes in its folder, by kind: known before anything loads."""
+    slug = name.split("/")[-1].split(":")[0]
+    names = {"peft": "peft"} if peft else {}
+    if gguf and adapter_only:
+        names["adapter_gguf"] = f"{slug}-lora.gguf"
+    if fused:
+        names.update({"gguf": f"{slug}-{quant}.gguf"} if gguf else {"mlx": "mlx"})
+    if gguf:
+        names["modelfile"] = "Modelfile"
+    return names
+
+
+def _write(stage: Staging, cm, run: RunDir, plan: dict, dtype: str, names: dict, steps, console):
     """Every output the plan asks for, into the staging area; their summary rows."""
-    rows, slug = [], name.split("/")[-1].split(":")[0]
+    rows = []
     if plan["peft"]:
         rows.append(write_peft_folder(stage, cm, run, steps))
     modelfile_from = modelfile_adapter = None
     if plan["adapter_gguf"]:
-        row = write_adapter_gguf(stage, cm, run, f"{slug}-lora.gguf", steps)
+        row = write_adapter_gguf(stage, cm, run, names["adapter_gguf"], steps)
         rows.append(row)
         modelfile_from = adapter_base(cm, cm.base_path)
         modelfile_adapter = f"./{row['file'].name}"
     if plan["gguf"]:  # the adapters are merged one tensor at a time as the file is written
-        row = write_gguf(stage, cm, f"{slug}-{plan['gguf']}.gguf", plan["gguf"], steps)
+        row = write_gguf(stage, cm, names["gguf"], plan["gguf"], steps)
         modelfile_from = f"./{row['file'].name}"
         rows.append(row)
     elif plan["mlx"]:

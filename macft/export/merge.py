@@ -157,7 +157,9 @@ def float_source(path: Path) -> bool:
         return False
     try:
         config = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
+        return False
+    if not isinstance(config, dict):
         return False
     return not (config.get("quantization") or config.get("quantization_config"))
 

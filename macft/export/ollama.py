@@ -1,6 +1,7 @@
 """Ollama Modelfiles: a Go TEMPLATE and stop tokens per chat format, SYSTEM, FROM / ADAPTER."""
 
 import re
+import shlex
 from pathlib import Path
 
 from macft.data.encode import has_chat_template
@@ -143,4 +144,5 @@ def modelfile(
 
 
 def create_command(name: str, modelfile_path: Path) -> str:
-    return f"ollama create {name} -f {modelfile_path}"
+    """The line to paste into a shell: a path with spaces or quotes stays one argument."""
+    return f"ollama create {shlex.quote(name)} -f {shlex.quote(str(modelfile_path))}"

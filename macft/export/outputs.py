@@ -1,10 +1,12 @@
 """Each export output, written into a Staging area: MLX, PEFT, GGUF, GGUF adapter, Modelfile."""
 
 import json
+import shlex
 import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from macft.atomic import human
@@ -62,7 +64,13 @@ def adapter_config(cm, run: RunDir) -> dict:
     folder = Path(cm.adapters).parent
     for p in (folder / "adapter_config.json", run.config_path):
         if p.is_file():
-            return json.loads(p.read_text(encoding="utf-8"))
+            try:
+                config = json.loads(p.read_text(encoding="utf-8"))
+            except (ValueError, RecursionError):
+                config = None
+            if not isinstance(config, dict):
+                raise RunError(f"{p}: not readable JSON; copy the one written with the adapters")
+            return config
     raise RunError(f"{folder}: no adapter_config.json beside the adapters; the run is incomplete")
 
 
@@ -217,20 +225,23 @@ def print_summary(console: Console, rows: list[dict], name: str, gguf: bool) -> 
     if gguf and "Modelfile" in by_name:
         console.print("import into Ollama with:")
         console.print(
-            ollama.create_command(name, by_name["Modelfile"].resolve()),
+            escape(ollama.create_command(name, by_name["Modelfile"].resolve())),
             highlight=False,
             soft_wrap=True,
         )
     if "mlx" in by_name:
         folder = by_name["mlx"]
         console.print(
-            f"chat with it: macft chat --model {folder}   (mlx_lm.load({str(folder)!r}) loads it too)",
+            escape(
+                f"chat with it: macft chat --model {shlex.quote(str(folder))}   "
+                f"(mlx_lm.load({str(folder)!r}) loads it too)"
+            ),  # fmt: skip
             highlight=False,
             soft_wrap=True,
         )
     if "peft" in by_name:
         console.print(
-            f"PEFT: PeftModel.from_pretrained(base_model, {str(by_name['peft'])!r})",
+            escape(f"PEFT: PeftModel.from_pretrained(base_model, {str(by_name['peft'])!r})"),
             highlight=False,
             soft_wrap=True,
         )

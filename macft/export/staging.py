@@ -1,26 +1,31 @@
-"""Export outputs written under temp names, checked for disk space, and renamed into place together."""
+"""Export outputs written under temp names, checked for disk space, and renamed into place together.
 
-import errno
+An export folder is macft's: its own RUN/export, or a --out where macft-export.json lists what
+macft wrote. Anything else already there is the user's, and is replaced only with --force.
+"""
+
+import contextlib
+import fcntl
+import json
 import os
-import re
 import shutil
 from pathlib import Path
 
-from macft.atomic import check_space, free_space, fsync_dir, human, replace_folder
+from macft.atomic import (
+    OLD_RE,
+    TEMP_RE,
+    atomic_write_json,
+    check_space,
+    create_exclusive,
+    fsync_dir,
+    fsync_tree,
+    replace_folder,
+    temp_name,
+    why_failed,
+)
 from macft.errors import ExportError
 
-_TEMP = re.compile(r"^\..+\.tmp-(\d+)(\.[a-z]+)?$")
-_OLD = re.compile(r"^\.old-(.+)-(\d+)$")  # moved aside by replace_folder
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+MANIFEST = "macft-export.json"  # what macft wrote in an export folder
 
 
 def _remove(p: Path) -> None:
@@ -28,6 +33,26 @@ def _remove(p: Path) -> None:
         shutil.rmtree(p, ignore_errors=True)
     else:
         p.unlink(missing_ok=True)
+
+
+def _written(out: Path) -> list[str]:
+    try:
+        files = json.loads((out / MANIFEST).read_text(encoding="utf-8")).get("files", [])
+    except (OSError, ValueError, RecursionError, AttributeError):
+        return []
+    return [f for f in files if isinstance(f, str)]
+
+
+def check_replaceable(out: Path, names: list[str], own: bool, force: bool) -> None:
+    """Refuse, before any work, to replace in `out` what macft did not write there."""
+    if own or force or not out.is_dir():
+        return
+    theirs = [n for n in names if (out / n).exists() and n not in _written(out)]
+    if theirs:
+        raise ExportError(
+            f"{out / theirs[0]} is already there and macft did not write it; give another "
+            f"--out, or add --force to replace {', '.join(theirs)}"
+        )
 
 
 def check_free_space(out: Path, need: int) -> None:
@@ -48,35 +73,47 @@ class Staging:
         self.out = Path(out)
         self.items: list[tuple[Path, Path]] = []
         self.created = False
+        self._lock = None
 
     def __enter__(self):
         if self.out.exists() and not self.out.is_dir():
             raise ExportError(f"{self.out} is a file, not a folder; give another --out")
         self.created = not self.out.exists()
         self.out.mkdir(parents=True, exist_ok=True)
+        self._lock = os.open(self.out, os.O_RDONLY)
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self._lock)
+            raise ExportError(
+                f"{self.out} is busy: another macft fuse is writing there; wait for it"
+            ) from None
         self._clean_leftovers()
         return self
 
     def _clean_leftovers(self) -> None:
-        """What an export that crashed mid-write left: temps go, a folder moved aside comes back."""
+        """What an export that crashed mid-write left (no other export runs here: the lock):
+        temps go, a folder moved aside comes back, whatever process id its name holds."""
         for p in self.out.iterdir():
-            if (m := _OLD.match(p.name)) and not _alive(int(m[2])):
-                if not (self.out / m[1]).exists():
-                    os.replace(p, self.out / m[1])
+            if (m := OLD_RE.match(p.name)) and p.is_dir():
+                if not (self.out / m["name"]).exists():
+                    os.replace(p, self.out / m["name"])
                 else:
                     _remove(p)
-            elif (m := _TEMP.match(p.name)) and not _alive(int(m[1])):
+            elif TEMP_RE.match(p.name):
                 _remove(p)
 
     def _tmp(self, name: str, suffix: str = "") -> Path:
-        tmp = self.out / f".{name}.tmp-{os.getpid()}{suffix}"
-        _remove(tmp)
+        tmp = temp_name(self.out / name, suffix)
         self.items.append((tmp, self.out / name))
         return tmp
 
     def file(self, name: str) -> Path:
-        """A temp path for the file `name` (suffix kept: some writers check it)."""
-        return self._tmp(name, Path(name).suffix)
+        """A temp path for the file `name` (suffix kept: some writers check it); made here,
+        empty, so no link planted under its name is written through."""
+        tmp = self._tmp(name, Path(name).suffix)
+        os.close(create_exclusive(tmp))
+        return tmp
 
     def folder(self, name: str, create: bool = True) -> Path:
         tmp = self._tmp(name)
@@ -85,17 +122,25 @@ class Staging:
         return tmp
 
     def commit(self) -> list[Path]:
+        for tmp, _ in self.items:
+            fsync_tree(tmp)  # on disk before any rename: a power cut leaves old or new
         for tmp, final in self.items:
             if tmp.is_dir():
                 replace_folder(tmp, final)
             else:
                 os.replace(tmp, final)
         fsync_dir(self.out)
+        names = sorted({*_written(self.out), *(final.name for _, final in self.items)})
+        # bookkeeping: without it, the next export here needs --force to replace these
+        with contextlib.suppress(OSError):
+            atomic_write_json(self.out / MANIFEST, {"files": names})
         return [final for _, final in self.items]
 
     def __exit__(self, kind, exc, tb):
         for tmp, _ in self.items:
             _remove(tmp)
+        if self._lock is not None:
+            os.close(self._lock)
         if kind is not None and self.created and not any(self.out.iterdir()):
             self.out.rmdir()
         if isinstance(exc, OSError):  # every write macft makes fails as an OSError
@@ -104,10 +149,7 @@ class Staging:
 
 
 def _write_error(out: Path, exc: OSError) -> ExportError:
-    _, free = free_space(out)
-    full = exc.errno == errno.ENOSPC or free < 64e6
-    why = f"the disk is full ({human(free)} free)" if full else str(exc)
     return ExportError(
-        f"writing the export in {out} failed: {why}; nothing there was replaced or left behind; "
-        "free some space (or give --out on another disk) and run again"
+        f"writing the export in {out} failed: {why_failed(out, exc)}; nothing there was "
+        "replaced or left behind; free some space (or give --out on another disk) and run again"
     )

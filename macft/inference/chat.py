@@ -16,6 +16,15 @@ from macft.lora.apply import lora_disabled
 from macft.runs.model import RunModel
 
 
+def as_text(text: str) -> str:
+    """Text the tokenizer takes: bytes a terminal, pipe or argument held that were not UTF-8
+    reach Python as lone surrogates; each becomes U+FFFD, as a UTF-8 decoder shows them."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # a surrogate that was never a byte
+        return text.encode("utf-8", "replace").decode("utf-8")
+
+
 @dataclass
 class Side:
     name: str  # "base" or "fine-tune"
@@ -59,7 +68,7 @@ class ChatSession:
             side.messages, side.last_prompt = [], ""
 
     def conversation(self, side: Side, user: str | None = None) -> list[dict]:
-        system = [{"role": "system", "content": self.system}] if self.system else []
+        system = [{"role": "system", "content": as_text(self.system)}] if self.system else []
         turn = [{"role": "user", "content": user}] if user is not None else []
         return system + side.messages + turn
 
@@ -80,6 +89,7 @@ class ChatSession:
 
     def stream(self, side: Side, user: str):
         """Yield mlx-lm GenerationResponses; the exchange joins the history only when complete."""
+        user = as_text(user)
         side.last_prompt = self.render(side, user)
         ids = self.cm.tokenizer.encode(side.last_prompt, add_special_tokens=False)
         if self.seed is not None:

@@ -8,6 +8,7 @@ from pathlib import Path
 from mlx_lm import stream_generate
 from mlx_lm.sample_utils import make_sampler
 from rich.console import Console
+from rich.markup import escape
 
 from macft import device
 from macft.atomic import atomic_write_json, atomic_write_text
@@ -120,10 +121,10 @@ def run_eval(
     system, batch_size = d.get("system"), t.get("batch_size", TrainConfig.batch_size)
 
     device.set_wired_limit()
-    with console.status(f"loading {run.path} ..."):
+    with console.status(f"loading {escape(str(run.path))} ..."):
         cm = load_run_model(str(run.path), model, checkpoint)
     for note in cm.notes:
-        console.print(f"[yellow]note:[/] {note}")
+        console.print(f"[yellow]note:[/] {escape(note)}")
     started = time.time()
     examples = loss_examples(records, fmt, cm.tokenizer, max_len, system)
     if not examples:
@@ -164,7 +165,8 @@ def run_eval(
     summary_path = out_dir / f"{stem}.summary.json"
     atomic_write_json(summary_path, summary)
     print_summary(summary, console)
-    console.print(f"saved: {summary_path}" + (f"  answers: {per_example}" if wanted else ""))
+    saved = f"saved: {summary_path}" + (f"  answers: {per_example}" if wanted else "")
+    console.print(escape(saved))
     return summary
 
 

@@ -169,7 +169,7 @@ def run_chat(
     Answers go to `out`; in a script, loading and speed lines go to `err`."""
     interactive = prompt is None and sys.stdin.isatty()
     info = out if interactive else err
-    with info.status(f"loading {target or model} ..."):
+    with info.status(f"loading {escape(str(target or model))} ..."):
         cm = load_run_model(target, model, checkpoint)
     what = f"{cm.base_path} + adapters {cm.adapters}" if cm.adapters else cm.base_path
     info.print(f"[bold]macft chat[/] {escape(what)}   backend: {describe_backend()}")

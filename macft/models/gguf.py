@@ -51,17 +51,42 @@ def _reader(path: Path) -> gguf.GGUFReader:
         ) from None
 
 
-def _metadata(reader: gguf.GGUFReader) -> dict:
-    return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+def _damaged(path: Path, what: str) -> ModelError:
+    return ModelError(
+        f"{path}: {what}: the file is damaged or not one macft can read; download it again"
+    )
+
+
+def _metadata(reader: gguf.GGUFReader, path: Path) -> dict:
+    try:
+        return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    except Exception:  # gguf-py decodes what the file says: bad UTF-8, wrong types, offsets
+        raise _damaged(path, "its metadata cannot be read") from None
+
+
+def _config(arch, meta: dict, tensor_names, path: Path) -> dict:
+    try:
+        return archs.config_from_gguf(arch, meta, tensor_names, path)
+    except (TypeError, ValueError, OverflowError):  # a value of the wrong kind (text, a list)
+        raise _damaged(path, f"a {arch.gguf_arch}.* metadata value is of the wrong kind") from None
+
+
+def _tokenizer(meta: dict, path: Path):
+    try:
+        return build_tokenizer(meta, str(path))
+    except ModelError:
+        raise
+    except Exception:  # tokens, merges or ids of the wrong kind, from a damaged file
+        raise _damaged(path, "its tokenizer metadata cannot be read") from None
 
 
 def gguf_config(path: Path) -> dict:
     """The HF-style config of a GGUF file from its header alone (no tensor is read)."""
     _check_magic(path)
     reader = _reader(path)
-    meta = _metadata(reader)
+    meta = _metadata(reader, path)
     arch = archs.get_arch(meta.get("general.architecture"), path)
-    return archs.config_from_gguf(arch, meta, {t.name for t in reader.tensors}, path)
+    return _config(arch, meta, {t.name for t in reader.tensors}, path)
 
 
 # general.file_type of GGUFs whose weights mx.load reads as they are: bits (group size 32).
@@ -78,7 +103,7 @@ def gguf_kept_quantization(path: Path) -> tuple[int, int] | None:
 def gguf_tokenizer(path: Path):
     """The tokenizer a GGUF file carries."""
     _check_magic(path)
-    return build_tokenizer(_metadata(_reader(path)), str(path))
+    return _tokenizer(_metadata(_reader(path), path), path)
 
 
 class _Tensors:
@@ -86,16 +111,18 @@ class _Tensors:
 
     def __init__(self, path: Path):
         self.path = path
+        # gguf-py reads the header first: mx.load's own parser ends the process (SIGSEGV) on
+        # some damaged headers, where gguf-py raises and the user gets one clear line
+        reader = _reader(path)
+        meta = _metadata(reader, path)
         try:
             self.arrays, meta = mx.load(str(path), return_metadata=True)
             self.meta = {k: _plain(v) for k, v in meta.items()}
             self.reader = None
         except (RuntimeError, ValueError):
             # K-quants, Q5_x, BF16...: mx.load refuses the whole file; read it with gguf-py.
-            self.arrays = None
-            self.reader = _reader(path)
+            self.arrays, self.reader, self.meta = None, reader, meta
             self.by_name = {t.name: t for t in self.reader.tensors}
-            self.meta = _metadata(self.reader)
 
     def names(self) -> set:
         if self.arrays is not None:
@@ -245,14 +272,20 @@ def load_gguf(path: Path, bits: int, group_size: int):
         )
     arch = archs.get_arch(meta.get("general.architecture"), path)
     names = tensors.names()
-    config = archs.config_from_gguf(arch, meta, names, path)
+    config = _config(arch, meta, names, path)
     factors = None
     if "rope_freqs.weight" in names:
         factors = tensors.get("rope_freqs.weight")[0].astype(mx.float32)
         config["rope_scaling"] = archs.llama3_rope_scaling(factors.tolist())
 
     model = _build(path, config)
-    weights, plan = _weights(tensors, model, config, arch, bits, group_size)
+    try:
+        weights, plan = _weights(tensors, model, config, arch, bits, group_size)
+    except ValueError as e:  # MLX's reshape or quantize on a tensor of another shape
+        raise ModelError(
+            f"{path}: tensor shapes do not match the GGUF metadata ({str(e)[:200]}); the file "
+            "is damaged: download it again"
+        ) from None
     quant.apply_quantization(model, plan)
     try:
         model.load_weights(list(weights.items()), strict=True)
@@ -263,4 +296,4 @@ def load_gguf(path: Path, bits: int, group_size: int):
     model.eval()
     mx.eval(model.parameters())
     config["quantization"] = quant.config_entry(plan)
-    return model, build_tokenizer(meta, str(path)), config, _source(path, meta, arch, factors)
+    return model, _tokenizer(meta, path), config, _source(path, meta, arch, factors)

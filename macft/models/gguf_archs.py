@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 
 from macft.errors import ModelError
+from macft.models.shape import check_config
 
 
 def _f32(x) -> float:
@@ -63,6 +64,29 @@ def get_arch(name: str | None, path) -> Arch:
     return ARCHS[name]
 
 
+GGUF_COUNTS = {  # HF config key: GGUF metadata key (after "<arch>.")
+    "hidden_size": "embedding_length",
+    "num_hidden_layers": "block_count",
+    "intermediate_size": "feed_forward_length",
+    "num_attention_heads": "attention.head_count",
+    "num_key_value_heads": "attention.head_count_kv",
+    "head_dim": "attention.key_length",
+    "max_position_embeddings": "context_length",
+    "vocab_size": "vocab_size",
+}
+
+
+def _counts(get, need, meta: dict) -> dict:
+    """The model's counts from the metadata, with llama.cpp's defaults for those it may lack."""
+    counts = {k: get(g) for k, g in GGUF_COUNTS.items()}
+    for k in ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads"):
+        counts[k] = need(GGUF_COUNTS[k])
+    counts["vocab_size"] = counts["vocab_size"] or len(meta.get("tokenizer.ggml.tokens") or [])
+    counts["num_key_value_heads"] = counts["num_key_value_heads"] or counts["num_attention_heads"]
+    counts["max_position_embeddings"] = counts["max_position_embeddings"] or 4096
+    return counts
+
+
 def config_from_gguf(arch: Arch, meta: dict, tensor_names, path) -> dict:
     """An HF-style config.json dict from `<arch>.*` metadata."""
     prefix = arch.gguf_arch
@@ -79,20 +103,16 @@ def config_from_gguf(arch: Arch, meta: dict, tensor_names, path) -> dict:
             raise ModelError(f"{path}: GGUF metadata lacks {prefix}.{key}; the file is incomplete")
         return v
 
-    hidden, heads = int(need("embedding_length")), int(need("attention.head_count"))
-    vocab = get("vocab_size") or len(meta.get("tokenizer.ggml.tokens") or [])
+    counts = _counts(get, need, meta)
+    # before anything divides by these or builds that many layers
+    labels = {k: f"{prefix}.{g}" for k, g in GGUF_COUNTS.items()}
+    check_config(counts, path, tensor_names, labels, layers=0)
     config = {
         "model_type": arch.model_type,
-        "hidden_size": hidden,
-        "num_hidden_layers": int(need("block_count")),
-        "intermediate_size": int(need("feed_forward_length")),
-        "num_attention_heads": heads,
-        "num_key_value_heads": int(get("attention.head_count_kv", heads)),
-        "head_dim": int(get("attention.key_length") or hidden // heads),
+        **counts,
+        "head_dim": counts["head_dim"] or counts["hidden_size"] // counts["num_attention_heads"],
         "rms_norm_eps": _f32(get("attention.layer_norm_rms_epsilon", 1e-5)),
         "rope_theta": _f32(get("rope.freq_base", 10000.0)),
-        "max_position_embeddings": int(get("context_length", 4096)),
-        "vocab_size": int(vocab),
         "tie_word_embeddings": "output.weight" not in tensor_names,
     }
     kind = get("rope.scaling.type")

@@ -8,6 +8,7 @@ import mlx.core as mx
 
 from macft.errors import ModelError
 from macft.models import mlx_lm_compat, quant
+from macft.models.shape import check_config
 
 FOLDER_NEEDS = "an HF/MLX model folder needs config.json, *.safetensors and tokenizer files"
 
@@ -29,8 +30,9 @@ def weight_files(path: Path) -> list[Path]:
     return files
 
 
-def check_safetensors(file: Path) -> None:
-    """A truncated download passes mx.load's lazy open and fails mid-training; catch it here."""
+def check_safetensors(file: Path) -> list[str]:
+    """A truncated download passes mx.load's lazy open and fails mid-training; catch it here.
+    Returns the tensor names its header lists."""
     size = file.stat().st_size
     try:
         with open(file, "rb") as f:
@@ -41,12 +43,13 @@ def check_safetensors(file: Path) -> None:
         end = max(
             (v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0
         )
-    except (ValueError, struct.error, KeyError, TypeError, UnicodeDecodeError):
+    except (ValueError, struct.error, KeyError, TypeError, AttributeError, RecursionError):
         raise ModelError(f"{file}: not a readable safetensors file; download it again") from None
     if 8 + n + end > size:
         raise ModelError(
             f"{file}: truncated ({size:,} of {8 + n + end:,} bytes); download the model again"
         )
+    return [k for k in header if k != "__metadata__"]
 
 
 def read_config(path: Path) -> dict:
@@ -54,9 +57,14 @@ def read_config(path: Path) -> dict:
     if not cfg.is_file():
         raise ModelError(f"{path}: no config.json (found: {_listing(path)}); {FOLDER_NEEDS}")
     try:
-        return json.loads(cfg.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelError(f"{cfg}: not valid JSON ({e}); fix or replace the file") from None
+        config = json.loads(cfg.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, 5,000-digit numbers, nesting
+        why = "nested too deeply" if isinstance(e, RecursionError) else str(e)[:200]
+        why = "a number of thousands of digits" if "int_max_str_digits" in why else why
+        raise ModelError(f"{cfg}: not valid JSON ({why}); fix or replace the file") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{cfg}: not a JSON object of model settings; fix or replace the file")
+    return config
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
@@ -89,8 +97,8 @@ def load_folder(path: Path, bits: int | None, group_size: int = 64, lazy: bool =
     once, so a float base never sits in memory whole)."""
     config = read_config(path)
     files = weight_files(path)
-    for f in files:
-        check_safetensors(f)
+    names = [name for f in files for name in check_safetensors(f)]
+    check_config(config, path / "config.json", names)
     if "model_type" not in config:
         raise ModelError(f"{path}/config.json: no model_type; is this an HF causal LM folder?")
     try:
@@ -112,7 +120,13 @@ def load_folder(path: Path, bits: int | None, group_size: int = 64, lazy: bool =
         source = {"kind": "mlx", "path": str(path), "quantization": config.get("quantization")}
         return model, _tokenizer(path, config), config, source
 
-    model = mlx_lm_compat.build_model(config)
+    try:
+        model = mlx_lm_compat.build_model(config)
+    except (ValueError, TypeError, KeyError) as e:  # a key missing or of the wrong kind
+        raise ModelError(
+            f"{path}/config.json: mlx-lm cannot build {config['model_type']} from it "
+            f"({type(e).__name__}: {str(e)[:200]}); fix or replace the file"
+        ) from None
     weights = {}
     for f in files:
         weights.update(mx.load(str(f)))  # lazy: nothing is read until evaluated

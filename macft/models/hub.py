@@ -126,7 +126,7 @@ def ollama_blob(spec: str) -> Path:
         )
     try:
         layers = json.loads(manifest.read_text()).get("layers", [])
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):  # bad JSON or UTF-8, not an object
         raise ModelError(
             f"{manifest}: not an Ollama manifest; run ollama pull {name}:{tag}"
         ) from None

@@ -1,10 +1,79 @@
 """The shape of a decoder: layers, widths, heads, vocabulary, experts; read from a config.json."""
 
+import re
 from dataclasses import dataclass
+
+from macft.errors import ModelError
 
 # Mixture-of-experts layers: the stacked experts and the shared expert, as the memory plan names them.
 EXPERT_KEYS = ("experts.gate_proj", "experts.up_proj", "experts.down_proj")
 SHARED_KEYS = ("shared.gate_proj", "shared.up_proj", "shared.down_proj")
+
+
+# Bounds on a config's counts: far beyond any released model, far below what would exhaust
+# memory or divide by zero before a clear error (a 400-byte GGUF can claim 3,000,000 layers).
+LIMITS = {
+    "num_hidden_layers": (1, 1024),
+    "hidden_size": (1, 1 << 16),
+    "intermediate_size": (1, 1 << 18),
+    "num_attention_heads": (1, 1024),
+    "num_key_value_heads": (1, 1024),
+    "head_dim": (1, 4096),
+    "vocab_size": (1, 1 << 22),
+    "max_position_embeddings": (1, 1 << 24),
+    "num_experts": (0, 4096),
+    "num_local_experts": (0, 4096),
+    "num_experts_per_tok": (0, 4096),
+    "moe_intermediate_size": (0, 1 << 18),
+}
+LAYER_RE = re.compile(r"(?:^|\.)(?:blk|layers)\.(\d+)\.")  # GGUF blk.N., HF model.layers.N.
+
+
+def layers_in(tensor_names) -> int | None:
+    """How many layers the weights hold (None: no layer-numbered names to count)."""
+    found = [int(m[1]) for n in tensor_names if (m := LAYER_RE.search(n))]
+    return max(found) + 1 if found else None
+
+
+def _problems(c: dict, layers: int | None, name) -> list[str]:
+    out = []
+    for key, (lo, hi) in LIMITS.items():
+        v = c.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi):
+            out.append(f"{name(key)} is {v!r}, not a whole number from {lo} to {hi:,}")
+    if out:
+        return out
+    heads, kv = c.get("num_attention_heads"), c.get("num_key_value_heads")
+    if heads and kv and heads % kv:
+        out.append(
+            f"{name('num_attention_heads')} {heads} is not a multiple of "
+            f"{name('num_key_value_heads')} {kv}"
+        )
+    hidden = c.get("hidden_size")
+    if heads and hidden and not c.get("head_dim") and hidden % heads:
+        out.append(f"{name('hidden_size')} {hidden} does not split into {heads} heads")
+    n = c.get("num_hidden_layers")
+    if layers is not None and n is not None and n != layers:
+        out.append(f"{name('num_hidden_layers')} is {n:,} but the weights hold {layers} layers")
+    return out
+
+
+def check_config(config: dict, where, tensor_names=None, labels: dict | None = None,
+                 layers: int | None = None) -> None:  # fmt: skip
+    """Refuse a config (config.json or a GGUF's metadata) whose counts no model has, or that
+    its weights contradict, before anything is built from it. `labels` name the keys as the
+    file does (a GGUF's llama.block_count); `layers` is how many the weights hold, when the
+    tensor names do not say (a GGUF without blk.N tensors holds none)."""
+    c = config.get("text_config", config)
+    if tensor_names is not None:
+        layers = layers_in(tensor_names) or layers
+    problems = _problems(c, layers, lambda key: (labels or {}).get(key, key))
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ModelError(
+            f"{where}: {problems[0]}{more}; the file is damaged or not a model macft can "
+            "load: download it again"
+        )
 
 
 @dataclass(frozen=True)

@@ -29,9 +29,10 @@ table.samples td{vertical-align:top;width:25%;text-align:left}
 
 
 def _num(x, digits: int = 4) -> str:
+    """A figure for the page; anything else a hand-edited summary holds is shown as text."""
     if x is None:
         return "-"
-    return f"{x:.{digits}g}" if isinstance(x, float) else str(x)
+    return f"{x:.{digits}g}" if isinstance(x, float) else escape(str(x))
 
 
 def _pct(before, after) -> str:
@@ -54,7 +55,7 @@ def _table(head: list[str], rows: list[list[str]], cls: str = "") -> str:
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
 
 
@@ -133,7 +134,7 @@ def _eval_table(s: dict) -> str:
             cls = "good" if ff > bb else "bad" if ff < bb else ""
             rows.append(
                 [
-                    f"{m} ({g['examples']} answers)",
+                    f"{escape(m)} ({_num(g['examples'])} answers)",
                     f"{bb:.1%}",
                     f"{ff:.1%}",
                     f'<span class="{cls}">{100 * (ff - bb):+.1f} pts</span>',
@@ -149,7 +150,10 @@ def _eval_table(s: dict) -> str:
             f'<span class="{cls}">{fg["change_pct"]:+.1f}%</span>',
         ]
     )
-    title = f"{escape(s['data'])}: {s['loss']['examples']} examples ({s['format']}), adapters: {escape(s['checkpoint'])}"
+    title = (
+        f"{escape(str(s['data']))}: {_num(s['loss']['examples'])} examples "
+        f"({escape(str(s['format']))}), adapters: {escape(str(s['checkpoint']))}"
+    )
     html = f"<h3>{title}</h3>" + _table(["", "base", "fine-tune", "change"], rows, "eval")
     if fg["warning"]:
         html += (
@@ -157,6 +161,18 @@ def _eval_table(s: dict) -> str:
             f"{fg['change_pct']:.1f}% (threshold {fg['threshold_pct']:g}%).</div>"
         )
     return html
+
+
+def _is_summary(s) -> bool:
+    return isinstance(s, dict) and "loss" in s and "forgetting" in s
+
+
+def _eval_section(run: RunDir, path: Path, s: dict) -> str:
+    """One eval's tables and samples; a summary edited into other shapes is named, not fatal."""
+    try:
+        return _eval_table(s) + _samples(run, s)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RecursionError):
+        return f"<p>{escape(path.name)}: not a summary macft eval wrote; left out.</p>"
 
 
 def _pick_samples(rows: list[dict], n: int = 6) -> list[dict]:
@@ -206,7 +222,7 @@ def write_report(run_path: str, out: str | None = None) -> Path:
     metrics = run.read_metrics()
     over = overfitting(metrics)
     summaries = sorted((p / "eval").glob("*.summary.json"), key=lambda f: f.stat().st_mtime)
-    evals = [s for s in (_read_json(f) for f in summaries) if "loss" in s and "forgetting" in s]
+    evals = [(f, s) for f, s in ((f, _read_json(f)) for f in summaries) if _is_summary(s)]
     parts = [
         f"<h1>macft report: {escape(p.name)}</h1>",
         f'<div class="sub">{escape(str(p.resolve()))}</div>',
@@ -215,8 +231,8 @@ def write_report(run_path: str, out: str | None = None) -> Path:
         "<h2>Evaluation: base vs fine-tune</h2>",
     ]
     if evals:
-        for s in reversed(evals):  # newest first
-            parts += [_eval_table(s), _samples(run, s)]
+        for f, s in reversed(evals):  # newest first
+            parts.append(_eval_section(run, f, s))
     else:
         parts.append(
             f"<p>No eval yet: run <code>macft eval {escape(str(p))} --data FILE</code>.</p>"

@@ -59,7 +59,7 @@ def run_info(path: Path, now: float | None = None) -> dict:
     run = RunDir(path)
     try:
         state = run.state
-    except ValueError:
+    except RunError:
         state = {"status": "unreadable"}
     metrics = run.read_metrics()
     status = state.get("status") or ("finished" if run.adapters_path.exists() else "created")

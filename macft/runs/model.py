@@ -72,10 +72,13 @@ def _lora_settings(run: RunDir) -> tuple[dict, dict, str]:
         return {}, {}, ""
     try:
         cfg = json.loads(run.config_path.read_text(encoding="utf-8"))  # e.g. mlx-lm's adapters
-    except (ValueError, OSError) as e:
+        if not isinstance(cfg, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, OSError, RecursionError) as e:
+        why = str(e)[:200] if not isinstance(e, RecursionError) else "nested too deeply"
         raise RunError(
-            f"{run.config_path}: not readable JSON ({e}); fix it, or copy the adapter_config.json "
-            "written with these adapters"
+            f"{run.config_path}: not readable JSON ({why}); fix it, or copy the "
+            "adapter_config.json written with these adapters"
         ) from None
     p, layers = cfg.get("lora_parameters", {}), cfg.get("num_layers")
     lora = {

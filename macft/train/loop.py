@@ -19,6 +19,7 @@ from macft.config.schema import TrainConfig
 from macft.data.batches import batch_order, batches_per_epoch
 from macft.errors import DataError, RunError
 from macft.lora.apply import adapter_weights, load_adapter_weights
+from macft.train import divergence
 from macft.train.evaluate import evaluate
 from macft.train.expert_load import ExpertTracker
 from macft.train.loss import batch_loss
@@ -107,17 +108,20 @@ def train(
                     *stepper.grads(batches, seeds), model.trainable_parameters(), step
                 )
                 lr = lr_at(step, cfg, t.total)
+                ok = divergence.finite(loss, grads)  # else the step is skipped, not applied
                 with _defer_sigint():  # model, optimizer and counters move on together
-                    if n_targets:
+                    if n_targets and ok:
                         t.optimizer.learning_rate = lr
                         update(grads, mx.array(n_targets, mx.float32))
                     mx.eval(model.trainable_parameters(), t.optimizer.state)
-                    loss = loss.item()
+                    loss, n_targets = (loss.item(), n_targets) if ok else (0.0, 0)
                     seconds = time.perf_counter() - started
                     t.state.commit(step, epoch, index, loss, n_targets, n_inputs, seconds)
+                    divergence.count(t.state, ok)
                     t.clock.tick()
-                t.result.losses[step] = loss / max(n_targets, 1)
+                t.result.losses[step] = loss / max(n_targets, 1) if ok else float("nan")
                 stop = t.after_step(step, lr, callback)
+                divergence.check(t.state, step, cfg, run.path)
                 if stop:
                     break
     return t.finish()
@@ -208,9 +212,10 @@ class Training:
         val, stop = None, False
         if self.valid_set and (last or (cfg.eval_every and step % cfg.eval_every == 0)):
             val = self.validate()
-            if st.record_val(val):
+            if st.is_best(val):  # saved first: the state names only a best that is on disk
                 info = {"step": step, "val_loss": val}
                 self.run.save_best(adapter_weights(self.model), self.adapter_config, info)
+            st.record_val(val)
             stop = st.should_stop(cfg.early_stopping)
         self.clock.tick()
         if last or stop or val is not None or step % cfg.report_every == 0:
@@ -249,8 +254,7 @@ class Training:
         except BaseException as e:
             if isinstance(e, PeerLost) and self.state.step:  # the model holds a whole step
                 self._save_or_fail(self.checkpoint)
-            error = f"{type(e).__name__}: {e}"
-            self.run.update_state(status="failed", step=self.state.step, error=error)
+            self.run.mark_failed(f"{type(e).__name__}: {e}", step=self.state.step)
             raise
         else:
             self._save_or_fail(self.checkpoint)
@@ -270,7 +274,7 @@ class Training:
         try:
             save()
         except RunError as e:
-            self.run.update_state(status="failed", step=self.state.step, error=str(e))
+            self.run.mark_failed(str(e), step=self.state.step)
             raise
 
     def finish(self) -> TrainResult:

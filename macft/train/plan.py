@@ -1,6 +1,5 @@
 """A recipe + model + data -> a memory plan: what `macft plan` shows, and the check before training."""
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -15,8 +14,9 @@ from macft.data.jsonl import read_jsonl
 from macft.errors import MacftError, ModelError
 from macft.models import catalog, hub, resolve_model_path
 from macft.models.gguf import gguf_config, gguf_kept_quantization, gguf_tokenizer
+from macft.models.hf import read_config
 from macft.models.load import choose_compute
-from macft.models.shape import Shape
+from macft.models.shape import Shape, check_config
 from macft.train import memory as mp
 from macft.train.lean_ops import lean_ops
 
@@ -30,11 +30,12 @@ def model_shape(path: str) -> tuple[Shape, str]:
         return entry.shape, "shapes from the catalog"
     p = resolve_model_path(path)
     if p.is_dir():
+        config = read_config(p)
+        check_config(config, p / "config.json")
         try:
-            config = json.loads((p / "config.json").read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ModelError(f"{p}: cannot read config.json ({e})") from None
-        return Shape.from_config(config), str(p)
+            return Shape.from_config(config), str(p)
+        except (KeyError, TypeError) as e:  # a key the plan needs is missing
+            raise ModelError(f"{p}/config.json: no usable {e} for the memory plan") from None
     return Shape.from_config(gguf_config(p)), str(p)
 
 

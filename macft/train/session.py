@@ -8,13 +8,14 @@ from pathlib import Path
 
 import mlx.core as mx
 from rich.console import Console
+from rich.markup import escape
 
 from macft import device
 from macft.config import schema
 from macft.config.recipes import load_recipe, resolve_data_path
 from macft.cpu.process import describe as describe_backend
 from macft.cpu.streams import plan_cpu_streams, stream_count
-from macft.data.dataset import load_data
+from macft.data.dataset import data_digest, load_data
 from macft.errors import RecipeError
 from macft.lora.apply import apply_lora
 from macft.models import load_base
@@ -28,11 +29,12 @@ from macft.train.speed import Speed
 
 
 def default_out(recipe: dict) -> Path:
-    data = Path(recipe["data"]["path"])
+    """runs/<data name>: the file's stem, or the folder's name (`..` resolved, never empty)."""
+    data = Path(recipe["data"]["path"]).resolve()
     name = data.name if data.is_dir() else data.stem
     if name in ("train", "data", ""):
-        name = data.parent.name if data.is_file() else name
-    return Path("runs") / (name or "run")
+        name = data.parent.name if not data.is_dir() else name
+    return Path("runs") / (name if name not in ("", ".", "..") else "run")
 
 
 def describe_steps(cfg: schema.TrainConfig, n_train: int, machines: int = 1) -> str:
@@ -59,7 +61,7 @@ def resolve_recipe(recipe_arg, sets, shorthands: dict, resume: bool) -> tuple[di
         recipe_arg = picked = plan.default_recipe(shorthands.get("model.path"))
     recipe, origin = load_recipe(recipe_arg, sets, shorthands)
     recipe["data"]["path"] = resolve_data_path(recipe["data"]["path"], origin)
-    out = Path(recipe["out"]) if recipe["out"] else default_out(recipe)
+    out = Path(recipe["out"]).expanduser() if recipe["out"] else default_out(recipe)
     recipe["out"] = str(out)
     return recipe, origin, picked
 
@@ -67,9 +69,11 @@ def resolve_recipe(recipe_arg, sets, shorthands: dict, resume: bool) -> tuple[di
 def load_model(recipe: dict, origin: str, console: Console):
     """The base as the recipe asks, with LoRA applied: (base, LoraInfo)."""
     m = schema.of(recipe, "model")
-    with console.status(f"loading {m.path} ..."):
+    with console.status(f"loading {escape(m.path)} ..."):
         base = load_base(m.path, bits=m.bits, group_size=m.group_size, compute=m.compute)
-    console.print(f"model: {m.path} ({base.source['kind']}, compute {base.source['compute']})")
+    console.print(
+        f"model: {escape(m.path)} ({base.source['kind']}, compute {base.source['compute']})"
+    )
     lo = schema.of(recipe, "lora")
     mx.random.seed(recipe["train"]["seed"])  # LoRA's initial A: the same seed, the same run
     try:
@@ -112,14 +116,15 @@ def run_train(recipe_arg, sets, shorthands: dict, resume: bool, console: Console
     out, cfg = Path(recipe["out"]), schema.of(recipe, "train")
     run = world.run_view(RunDir(out))  # only rank 0 writes the run folder
     world.on_timeout(lambda message: parallel.mark_failed(run, message))
-    if resume:
-        run.open_for_resume(recipe, write=False)  # saved once training starts
+    digest = world.from_main(lambda: data_digest(recipe["data"]["path"]))
+    if resume:  # saved once training starts
+        run.open_for_resume(recipe, write=False, data_digest=digest, force=force)
     else:
         run.check_free()
 
-    console.print(f"[bold]macft train[/] -> {out}   backend: {describe_backend()}")
+    console.print(f"[bold]macft train[/] -> {escape(str(out))}   backend: {describe_backend()}")
     if picked:
-        console.print(f"recipe: {picked} (picked for {plan.usable_gb()} usable memory)")
+        console.print(f"recipe: {escape(picked)} (picked for {plan.usable_gb()} usable memory)")
     device.set_wired_limit()
     if stream_count(cfg, world.size, quantized=recipe["model"]["compute"] == "quantized") > 1:
         # before the first evaluation (the model's load); if "auto" picks the 4-bit base after
@@ -128,7 +133,11 @@ def run_train(recipe_arg, sets, shorthands: dict, resume: bool, console: Console
     base, info = load_model(recipe, origin, console)
     train_set, valid_set, rep = load_examples(recipe, base.tokenizer, console)
     # Every rank must train on the same examples of the same model, or the sums mean nothing.
-    world.agree("data or model", parallel.fingerprint(train_set, valid_set, base.config))
+    if world.size > 1:  # the weights too: a config alone says nothing of the file behind it
+        weights = parallel.weights_digest(base.model)
+        world.agree(
+            "data or model", parallel.fingerprint(train_set, valid_set, base.config, weights)
+        )
     console.print(
         f"schedule: {describe_steps(cfg, rep.n_train, world.size)}, "
         f"lr {cfg.learning_rate:g} ({cfg.schedule})"
@@ -151,9 +160,9 @@ def run_train(recipe_arg, sets, shorthands: dict, resume: bool, console: Console
     # The lock is held from the first write on (the trainer's own lock nests in it).
     with run.lock(), TrainProgress(console) as progress:
         if resume:
-            run.save_recipe(recipe)
+            run.save_recipe(recipe, digest)
         else:
-            run.create(recipe, base.source)
+            run.create(recipe, base.source, digest)
         result = train(base.model, train_set, valid_set, cfg, run, pad_id, resume, progress,
                        info, world)  # fmt: skip
     summary = result_summary(result, run, out, world.size)
@@ -189,7 +198,7 @@ def say_result(s: dict, console: Console) -> None:
         more = f" --hosts (the same {s['machines']} machines)" if s["machines"] > 1 else ""
         console.print(
             f"[yellow]interrupted[/] at step {s['step']}: checkpoint saved. "
-            f"Continue with: {s['resume']}{more}"
+            f"Continue with: {escape(s['resume'])}{more}"
         )
     else:
         best = ""
@@ -197,5 +206,6 @@ def say_result(s: dict, console: Console) -> None:
             best = f", best val loss {s['best_val_loss']:.3f} (step {s['best_step']})"
             if s["val_loss_before"] is not None:
                 best += f", {s['val_loss_before']:.3f} before training"
-        console.print(f"[green]done[/]: {s['step']} steps{best}. Adapters: {s['adapters']}")
-    console.print(f"metrics: {s['metrics']}   recipe: {s['recipe']}")
+        adapters = escape(s["adapters"])  # a path is text, not rich markup: "a[/]b" would raise
+        console.print(f"[green]done[/]: {s['step']} steps{best}. Adapters: {adapters}")
+    console.print(escape(f"metrics: {s['metrics']}   recipe: {s['recipe']}"))

@@ -4,6 +4,7 @@ Saved whole in every checkpoint's state.json (the field names are its keys), so 
 continues the same data order, schedule, early stopping and report sums.
 """
 
+import math
 import time
 from dataclasses import asdict, dataclass, fields
 
@@ -21,6 +22,8 @@ class TrainState:
     val_loss: float | None = None
     trained_tokens: int = 0
     elapsed_s: float = 0.0
+    skipped_steps: int = 0  # steps whose loss or gradients were not finite (train/divergence)
+    bad_in_row: int = 0
     # since the last report, kept in checkpoints so reports after a resume match
     pending_loss: float = 0.0
     pending_targets: int = 0
@@ -45,14 +48,18 @@ class TrainState:
         self.pending_tokens += tokens
         self.pending_time += seconds
 
-    def record_val(self, val: float) -> bool:
-        """Note a validation loss; True if it is the best so far (the caller saves those adapters)."""
-        self.val_loss = val
-        if self.best_val_loss is None or val < self.best_val_loss:
+    def is_best(self, val: float) -> bool:
+        """Would this validation loss be the best so far? (NaN never is.)"""
+        return math.isfinite(val) and (self.best_val_loss is None or val < self.best_val_loss)
+
+    def record_val(self, val: float) -> None:
+        """Note a validation loss; call it once the best adapters, if these are, are saved: a
+        checkpoint must never name a best step that checkpoints/best does not hold."""
+        if self.is_best(val):
             self.best_val_loss, self.best_step, self.evals_since_best = val, self.step, 0
-            return True
-        self.evals_since_best += 1
-        return False
+        else:
+            self.evals_since_best += 1
+        self.val_loss = val
 
     def should_stop(self, patience: int) -> bool:
         """Early stopping: `patience` evaluations in a row without a better validation loss."""
@@ -80,6 +87,8 @@ class TrainState:
         if val is not None:
             record["val_loss"] = val
             record["best_val_loss"] = self.best_val_loss
+        if self.skipped_steps:
+            record["skipped_steps"] = self.skipped_steps
         if final:
             record["final"] = True
         self.pending_loss, self.pending_targets, self.pending_tokens = 0.0, 0, 0

@@ -2,8 +2,10 @@
 (and line or key) and says how to fix it, shows no traceback, and changes no file."""
 
 import contextlib
+import gzip
 import hashlib
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,6 +182,109 @@ data_case(
 )
 
 
+# the file as a whole: encodings, binary formats, one array
+data_case("utf16-with-bom", (GOOD + "\n").encode("utf-16"), 1, "UTF-16 text", "save it as UTF-8")
+data_case("utf16-no-bom", (GOOD + "\n").encode("utf-16-le"), 1, "UTF-16", "iconv -f UTF-16")
+data_case("utf32", (GOOD + "\n").encode("utf-32"), 1, "UTF-32 text", "save it as UTF-8")
+data_case("gzip", gzip.compress((GOOD + "\n").encode()), 1, "gzip-compressed", "gunzip")
+data_case("binary", bytes(range(256)) * 8, 1, "binary (it holds NUL bytes)", "each line needs")
+data_case("json-array", f"[{GOOD},\n{GOOD}]\n", 1, "one JSON array", "jq -c '.[]' json-array.jsonl")
+# one line: JSON that parses in Python but is no data
+data_case("nan-literal", GOOD + '\n{"text": NaN}\n', 2, "NaN is not valid JSON", "write null")
+data_case(
+    "infinity-literal",
+    GOOD + '\n{"prompt": "a", "completion": "b", "w": -Infinity}\n',
+    2,
+    "-Infinity is not valid JSON",
+)
+data_case(
+    "deep-nesting", '{"text": "a", "x": ' + "[" * 50_000 + "]" * 50_000 + "}\n", 1, "nested more"
+)
+data_case("huge-integer", '{"text": "a", "n": ' + "9" * 5000 + "}\n", 1, "thousands of digits")
+data_case("lone-surrogate", '{"text": "caf\\ud800e"}\n', 1, "lone surrogate", "fix or remove")
+data_case(
+    "duplicate-keys",
+    '{"prompt": "a", "prompt": "b", "completion": "c"}\n',
+    1,
+    "'prompt' appears twice",
+    "keep one",
+)
+data_case(
+    "tool-calls",
+    json.dumps({"messages": [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function"}]},
+        {"role": "tool", "tool_call_id": "1", "content": "sunny"},
+        {"role": "assistant", "content": "sunny"},
+    ]}),
+    1,
+    "message 2: tool calls",
+    "write each call and its result as text",
+)  # fmt: skip
+data_case(
+    "image-content-part",
+    json.dumps({"messages": [
+        {"role": "user", "content": [{"type": "text", "text": "what is it?"},
+                                     {"type": "image_url", "image_url": {"url": "x.png"}}]},
+        {"role": "assistant", "content": "a cat"},
+    ]}),
+    1,
+    "content part 2 is 'image_url', not text",
+    "remove that part",
+)  # fmt: skip
+
+
+@case("data-train-jsonl-is-a-folder")
+def _(w, d):
+    (d / "data" / "train.jsonl").mkdir(parents=True)
+    return train(w, d, data=d / "data"), [f"{d}/data/train.jsonl is a folder", "a .jsonl file"]
+
+
+@case("data-train-jsonl-is-a-fifo")
+def _(w, d):
+    (d / "data").mkdir()
+    os.mkfifo(d / "data" / "train.jsonl")  # reading it would wait forever
+    return train(w, d, data=d / "data"), [f"{d}/data/train.jsonl is a FIFO", "a .jsonl file"]
+
+
+@case("data-file-is-a-fifo")
+def _(w, d):
+    os.mkfifo(d / "f.jsonl")
+    return train(w, d, data=d / "f.jsonl"), [f"{d}/f.jsonl is a FIFO", "give a .jsonl file"]
+
+
+@case("data-valid-jsonl-empty")
+def _(w, d):
+    put(d / "data/train.jsonl", GOOD + "\n")
+    p = put(d / "data/valid.jsonl", "\n")
+    return train(w, d, data=d / "data"), [f"{p}:1: no data", "each line needs one of"]
+
+
+@case("data-valid-jsonl-all-dropped")
+def _(w, d):
+    put(d / "data/train.jsonl", GOOD + "\n")
+    p = put(d / "data/valid.jsonl", chat_line(("user", "q" * 200), ("assistant", "a")) + "\n")
+    sets = ("data.max_seq_length=32",)
+    return train(w, d, *sets, data=d / "data"), [
+        f"{p}: every validation example is longer than data.max_seq_length=32",
+        "raise data.max_seq_length",
+    ]
+
+
+@case("data-valid-jsonl-line-the-template-rejects")
+def _(w, d):
+    template = model_copy(w, d) / "chat_template.jinja"
+    refuse = "{% for x in messages %}{% if 'FORBIDDEN' in x['content'] %}"
+    put(template, refuse + "{{ raise_exception('no FORBIDDEN here') }}{% endif %}{% endfor %}"
+        + template.read_text())  # fmt: skip
+    m = template.parent
+    put(d / "data/train.jsonl", GOOD + "\n")
+    p = put(
+        d / "data/valid.jsonl", GOOD + "\n" + chat_line(("user", "FORBIDDEN"), ("assistant", "a"))
+    )
+    return train(w, d, model=m, data=d / "data"), [f"{p}:2: ", "no FORBIDDEN here"]
+
+
 @case("data-folder-without-train-jsonl")
 def _(w, d):
     (d / "data").mkdir()
@@ -223,6 +328,31 @@ recipe_case(
 recipe_case("iters-and-epochs", "train", "epochs", 1, "set one of them, not both")
 recipe_case("bad-choice", "train", "schedule", "linear", "train.schedule: must be one of cosine")
 recipe_case("bits-7", "model", "bits", 7, "model.bits: must be one of 2, 3, 4, 5, 6, 8")
+
+
+recipe_case("nan-learning-rate", "train", "learning_rate", float("nan"), "train.learning_rate:",
+            "expected a finite number, got nan")  # fmt: skip
+recipe_case("nan-grad-norm", "train", "max_grad_norm", float("nan"), "train.max_grad_norm:",
+            "finite number")  # fmt: skip
+recipe_case("inf-epochs", "train", "epochs", float("inf"), "expected a finite number, got inf")
+recipe_case("huge-seed", "train", "seed", 10**30, "train.seed: must be <= 4294967295")
+recipe_case("huge-integer-alpha", "lora", "alpha", 10**400, "lora.alpha: expected a finite")
+recipe_case("huge-batch", "train", "batch_size", 10**12, "train.batch_size: must be <= 4096")
+recipe_case("zero-learning-rate", "train", "learning_rate", 0, "train.learning_rate: must be > 0")
+recipe_case("zero-batch-size", "train", "batch_size", 0, "train.batch_size: must be >= 1")
+recipe_case("unknown-data-key", "data", "max_seq_len", 64, "did you mean data.max_seq_length?")
+
+
+@case("recipe-unknown-section")
+def _(w, d):
+    p = put(d / "r.yaml", yaml.safe_dump({"model": {"path": str(w.model)}, "optimizer": {}}))
+    return ["train", "--recipe", str(p)], [str(p), "optimizer: unknown key", "valid keys: model"]
+
+
+@case("recipe-deep-nesting")
+def _(w, d):
+    p = put(d / "deep.yaml", "model:\n  path: " + "[" * 20_000 + "]" * 20_000 + "\n")
+    return ["train", "--recipe", str(p)], [str(p), "nested too deeply", "fix the file"]
 
 
 @case("recipe-bad-yaml")
@@ -297,6 +427,87 @@ def _(w, d):
     return train(w, d, model=m), [str(m), "has 259 tokens", "only 100 rows", "copy tokenizer.json"]
 
 
+def gguf_meta(path: Path, **meta) -> Path:
+    """A GGUF of llama metadata alone (about 450 bytes, no tensors), `meta` overriding it."""
+    w = gguf.GGUFWriter(str(path), "llama")
+    values = {"context_length": 64, "embedding_length": 64, "block_count": 1,
+              "feed_forward_length": 128, "head_count": 4, "head_count_kv": 2, **meta}  # fmt: skip
+    for key, value in values.items():
+        getattr(w, f"add_{key}")(value)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(["a", "b"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def gguf_case(name, meta, *hints):
+    for command in ("train", "plan"):
+
+        @case(f"{command}-gguf-{name}")
+        def build(w, d, command=command):
+            p = gguf_meta(d / "m.gguf", **meta)
+            if command == "plan":
+                return ["plan", "--model", str(p), "--data", str(w.data)], [str(p), *hints]
+            return train(w, d, model=p), [str(p), *hints]
+
+
+gguf_case("block-count-3000000", {"block_count": 3_000_000}, "llama.block_count is 3000000",
+          "download it again")  # fmt: skip
+gguf_case("block-count-1000-without-tensors", {"block_count": 1000},
+          "llama.block_count is 1,000 but the weights hold 0 layers")  # fmt: skip
+gguf_case("head-count-0", {"head_count": 0}, "llama.attention.head_count is 0, not a whole number")
+gguf_case("vocab-size-4e9", {"vocab_size": 4_000_000_000}, "llama.vocab_size is 4000000000")
+gguf_case("heads-not-a-multiple", {"head_count_kv": 3}, "is not a multiple of",
+          "llama.attention.head_count_kv 3")  # fmt: skip
+
+
+@case("gguf-tensor-data-truncated")
+def _(w, d):
+    from helpers import TINY_CONFIG, build_tiny_model
+    from helpers import write_gguf as write_model_gguf
+
+    p = write_model_gguf(d / "tiny.gguf", build_tiny_model(), TINY_CONFIG)
+    p.write_bytes(p.read_bytes()[: p.stat().st_size - 5000])
+    return train(w, d, model=p), [str(p), "download it again"]
+
+
+def config_case(name, change, *hints):
+    for command in ("train", "plan"):
+
+        @case(f"{command}-config-{name}")
+        def build(w, d, command=command):
+            f = model_copy(w, d) / "config.json"
+            text = change(f.read_text())
+            put(f, text if isinstance(text, str) else json.dumps(text))
+            if command == "plan":
+                return ["plan", "--model", str(f.parent), "--data", str(w.data)], [str(f), *hints]
+            return train(w, d, model=f.parent), [str(f), *hints]
+
+
+def config_with(**values):
+    return lambda text: {**json.loads(text), **values}
+
+
+config_case("layers-3000000", config_with(num_hidden_layers=3_000_000),
+            "num_hidden_layers is 3000000", "download it again")  # fmt: skip
+config_case("heads-0", config_with(num_attention_heads=0), "num_attention_heads is 0")
+config_case("vocab-4e9", config_with(vocab_size=4e9), "vocab_size is 4000000000.0")
+config_case("deep-nesting", lambda t: t[:-1] + ', "x": ' + "[" * 50_000 + "]" * 50_000 + "}",
+            "not valid JSON (nested too deeply)")  # fmt: skip
+config_case("huge-integer", lambda t: t[:-1] + ', "x": ' + "9" * 5000 + "}", "not valid JSON")
+config_case("a-list", lambda t: "[1, 2]", "not a JSON object", "fix or replace")
+
+
+@case("train-config-layers-beyond-the-weights")
+def _(w, d):
+    f = model_copy(w, d) / "config.json"
+    put(f, json.dumps({**json.loads(f.read_text()), "num_hidden_layers": 40}))
+    return train(w, d, model=f.parent), [str(f), "is 40 but the weights hold 2 layers"]
+
+
 @case("gguf-unsupported-architecture")
 def _(w, d):
     p = write_gguf(d / "mamba.gguf", "mamba")
@@ -369,6 +580,29 @@ def _(w, d):
     shutil.copy(w.run / "adapters.safetensors", folder)
     f = put(folder / "adapter_config.json", "{oops")
     return chat(folder, "--model", str(w.model)), [f"{f}: not readable JSON", "fix it"]
+
+
+@case("adapters-config-deep-nesting")
+def _(w, d):
+    folder = d / "adapters"
+    folder.mkdir()
+    shutil.copy(w.run / "adapters.safetensors", folder)
+    f = put(folder / "adapter_config.json", "[" * 50_000 + "]" * 50_000)
+    return chat(folder, "--model", str(w.model)), [f"{f}: not readable JSON", "copy the"]
+
+
+@case("run-recipe-yaml-damaged")
+def _(w, d):
+    run = copy_run(w, d)
+    put(run / "recipe.yaml", "model: {path: [\n")
+    return chat(run), [f"{run}/recipe.yaml:", "not valid YAML", "fix the syntax"]
+
+
+@case("run-state-json-damaged")
+def _(w, d):
+    run = copy_run(w, d)
+    put(run / "state.json", "[" * 50_000 + "]" * 50_000)
+    return ["train", "--resume", "--out", str(run)], [f"{run}/state.json: damaged", "delete it"]
 
 
 @case("adapters-truncated")
@@ -465,6 +699,25 @@ def _(w, d):
     return args, [str(w.run), "changed lora.rank", "another --out"]
 
 
+@case("cli-resume-with-changed-data")
+def _(w, d):
+    run = copy_run(w, d)
+    data = put(d / "net.jsonl", w.data.read_text() + GOOD + "\n")
+    edit_recipe(run, "data", "path", str(data))
+    args = ["train", "--resume", "--out", str(run)]
+    return args, [str(run), "cannot resume: the data (its files' contents) changed", "--force"]
+
+
+@case("cli-resume-with-changed-seed-and-split")
+def _(w, d):
+    sets = ["--set", "train.seed=7", "--set", "data.valid_fraction=0.3"]
+    return ["train", "--resume", "--out", str(w.run), *sets], [
+        "train.seed (0 -> 7)",
+        "data.valid_fraction (0.1 -> 0.3)",
+        "add --force",
+    ]
+
+
 @case("cli-resume-a-busy-run")
 def _(w, d):
     hold = RunDir(w.run).lock()  # another training holds the run
@@ -524,4 +777,4 @@ def test_bad_input_is_refused_cleanly(world, tmp_path, build):
 
 
 def test_the_corpus_is_large():
-    assert len(CASES) >= 40
+    assert len(CASES) >= 110

@@ -116,3 +116,48 @@ def test_only_commands_that_compute_set_up_the_process(monkeypatch, tmp_path):
     with pytest.raises(SystemExit):
         cli_package.main()
     assert calls == ["train"]
+
+
+def test_out_in_a_recipe_expands_the_home_folder(tiny_model_dir, tmp_path, monkeypatch):
+    data = write_chat(tmp_path / "net.jsonl", n=8)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"path": str(tiny_model_dir), "compute": "float32"},
+                "data": {"path": str(data)},
+                "lora": {"rank": 4},
+                "train": {"iters": 1, "batch_size": 2},
+                "out": "~/runs/net",
+            }
+        )  # fmt: skip
+    )
+    result = CliRunner().invoke(cli, ["train", "--recipe", str(recipe)])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "home" / "runs" / "net" / "adapters.safetensors").is_file()
+    assert not (tmp_path / "~").exists()
+
+
+def test_paths_are_printed_as_text_not_markup(tiny_model_dir, tmp_path, monkeypatch):
+    """rich reads "[...]" as markup: "[/]" in a path raised, "data[v2]" showed as "data"."""
+    data = write_chat(tmp_path / "data[v2].jsonl", n=8)
+    out = tmp_path / "runs" / "a[/]b"
+    result = CliRunner().invoke(
+        cli, train_args(tiny_model_dir, data, out, "--set", "train.iters=1")
+    )
+    assert result.exit_code == 0, result.output
+    flat = result.output.replace("\n", "")  # lines wrap at 80 columns here
+    assert f"-> {out}" in flat and f"{out}/adapters.safetensors" in flat
+    monkeypatch.chdir(tmp_path)  # short paths: the table has 80 columns here
+    listed = CliRunner().invoke(cli, ["runs", "runs"])
+    assert listed.exit_code == 0 and "runs/a[/]b" in listed.output, listed.output
+    export = tmp_path / "ex[port]"
+    fused = CliRunner().invoke(cli, ["fuse", str(out), "--out", str(export)])
+    assert fused.exit_code == 0, fused.output
+    assert f"macft fuse {out} -> {export}" in fused.output.replace("\n", "")
+    for args in (["chat", str(out), "--prompt", "hi", "--max-tokens", "2"],
+                 ["eval", str(out), "--data", str(data)]):  # fmt: skip
+        other = CliRunner().invoke(cli, args)
+        assert other.exit_code == 0, (args, other.output)

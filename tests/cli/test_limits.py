@@ -159,3 +159,90 @@ def test_train_on_metal_refuses_a_plan_that_cannot_fit(tmp_path, monkeypatch):
     assert last.startswith("Error: ") and "Traceback" not in result.output
     assert "leave no room in" in last and "pick a smaller model" in last
     assert not out.exists()
+
+
+# --- real failures: a disk that fills, a file-size limit -----------------------------------
+@pytest.mark.parametrize("when", ["start", "step 3"])
+def test_a_disk_that_really_fills_fails_cleanly_and_resumes_exactly(tmp_path, monkeypatch, when):
+    """A real tmpfs filled to the last page: before the first metrics line (which then fails
+    with ENOSPC), or after step 3 (step 4's checkpoint is refused, and state.json itself
+    cannot be written: the space kept aside while training makes room for it)."""
+    from helpers import fill_disk, save_tiny_model_dir, small_disk
+
+    from macft.train import session
+
+    model, data = save_tiny_model_dir(tmp_path / "tiny"), write_chat(tmp_path / "d.jsonl", n=12)
+    sets = ["--set", "train.iters=6", "--set", "train.save_every=2", "--set", "train.eval_every=0",
+            "--set", "train.report_every=1"]  # fmt: skip
+    ref = CliRunner().invoke(cli, train_args(model, data, tmp_path / "ref", *sets))
+    assert ref.exit_code == 0, ref.output
+    with small_disk(tmp_path / "disk", "4m") as disk:
+        out = disk / "run"
+
+        class FillsTheDisk(session.TrainProgress):
+            def on_start(self, total_steps, start_step=0):
+                super().on_start(total_steps, start_step)
+                if when == "start":
+                    fill_disk(disk)
+
+            def on_report(self, report):
+                super().on_report(report)
+                if when == "step 3" and report["step"] == 3:
+                    fill_disk(disk)
+
+        monkeypatch.setattr(session, "TrainProgress", FillsTheDisk)
+        result = CliRunner().invoke(cli, train_args(model, data, out, *sets))
+        monkeypatch.undo()
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        last = result.output.rstrip().splitlines()[-1]
+        if when == "start":
+            assert last.startswith(f"Error: {out}: writing metrics.jsonl failed: the disk is full")
+        else:
+            assert last.startswith(f"Error: {out}: need ") and f"MB free on {disk} for" in last
+        assert f"continue with: macft train --resume --out {out}" in last
+        run = RunDir(out)
+        assert run.state["status"] == "failed", run.state
+        kept = [] if when == "start" else ["step-000002"]
+        assert [p.name for p in run.list_checkpoints()] == kept
+        (disk / "filler").unlink()
+        again = CliRunner().invoke(cli, ["train", "--resume", "--out", str(out)])
+        assert again.exit_code == 0, again.output
+        want = mx.load(str(tmp_path / "ref" / "adapters.safetensors"))
+        got = mx.load(str(run.adapters_path))
+        for k in want:
+            np.testing.assert_array_equal(np.array(got[k]), np.array(want[k]))
+
+
+def test_a_file_size_limit_fails_a_checkpoint_cleanly(tmp_path):
+    """RLIMIT_FSIZE: the 1 MB optimizer state of a rank-64 checkpoint cannot be written (EFBIG),
+    the 0.5 MB adapters and every small file can."""
+    import os
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    from helpers import save_tiny_model_dir
+
+    model, data = save_tiny_model_dir(tmp_path / "tiny"), write_chat(tmp_path / "d.jsonl", n=12)
+    out = tmp_path / "run"
+    args = train_args(model, data, out, "--set", "train.iters=4", "--set", "train.save_every=2",
+                      "--set", "lora.rank=64", "--set", "train.compile=false")  # fmt: skip
+
+    def limit():  # in the child: writes past 768 KB fail with EFBIG instead of a signal
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (768 << 10, resource.RLIM_INFINITY))
+
+    env = {**os.environ, "MACFT_NO_OPENBLAS": "1", "MACFT_NO_NATIVE_KERNELS": "1"}
+    child = subprocess.run([sys.executable, "-m", "macft", *args], env=env, preexec_fn=limit,
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    output = child.stdout + child.stderr
+    assert child.returncode == 1 and "Traceback" not in output, output
+    last = output.rstrip().splitlines()[-1]
+    assert last.startswith(f"Error: {out}: writing a checkpoint failed: a file grew past"), last
+    assert "(ulimit -f)" in last and f"macft train --resume --out {out}" in last
+    run = RunDir(out)
+    assert run.state["status"] == "failed" and run.list_checkpoints() == []
+    assert [p.name for p in out.rglob("*") if ".tmp-" in p.name or ".old-" in p.name] == []
+    again = CliRunner().invoke(cli, ["train", "--resume", "--out", str(out)])
+    assert again.exit_code == 0 and run.state["status"] == "finished", again.output

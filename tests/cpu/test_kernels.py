@@ -58,3 +58,27 @@ def test_native_kernels_opt_out_and_plain_cpus(native_env, monkeypatch):
     assert not kernels.use_native_kernels()
     assert os.environ["PATH"] == path and os.environ["TMPDIR"] == str(native_env)
     assert "AVX2/FMA" not in describe()
+
+
+@needs_gxx
+@pytest.mark.parametrize("planted", ["another user's", "world-writable", "a link"])
+def test_a_kernel_folder_someone_else_made_is_never_used(native_env, planted):
+    """Another local user can make $TMPDIR/macft-native-<uid> first and put a kernel there that
+    MLX would load by name: macft then keeps its kernels in its own cache folder."""
+    shared = native_env / f"macft-native-{os.getuid()}"
+    if planted == "a link":
+        (native_env / "theirs").mkdir()
+        shared.symlink_to(native_env / "theirs")
+    else:
+        shared.mkdir(mode=0o777)
+        shared.chmod(0o777)
+        if planted == "another user's":
+            if os.geteuid() != 0:
+                pytest.skip("giving a folder to another user needs root")
+            os.chown(shared, 4242, 4242)
+    assert kernels.use_native_kernels()
+    used = Path(os.environ["TMPDIR"])
+    assert used == native_env / "cache" / "macft" / f"macft-native-{os.getuid()}"
+    st = used.stat()
+    assert st.st_uid == os.getuid() and st.st_mode & 0o077 == 0
+    assert tempfile.gettempdir() == str(used)

@@ -143,6 +143,56 @@ def test_template_that_rewrites_history_falls_back_to_offsets():
     assert runs(tok, ex) == ["A1<|im_end|>", "A2<|im_end|>"]
 
 
+class Counted:
+    """Counts the chat-template renders and the tokenizations of an HF tokenizer."""
+
+    def __init__(self, hf):
+        self.renders = self.encodes = 0
+        render, encode = hf.apply_chat_template, hf._encode_plus
+
+        def counted_render(*a, **kw):
+            self.renders += 1
+            return render(*a, **kw)
+
+        def counted_encode(*a, **kw):
+            self.encodes += 1
+            return encode(*a, **kw)
+
+        hf.apply_chat_template, hf._encode_plus = counted_render, counted_encode
+
+
+def long_chat(turns: int) -> dict:
+    return chat(
+        *(f"question {i} about bgp?" if i % 2 == 0 else f"answer {i}" for i in range(turns))
+    )
+
+
+def test_a_conversation_of_thousands_of_turns_encodes_in_linear_time():
+    hf = build_tiny_hf_tokenizer()
+    counted, tok = Counted(hf), TokenizerWrapper(hf)
+    ex = encode_record(long_chat(200), "chat", tok)
+    # a few renders and one tokenization, however many turns (each turn's prefix: 2 x 100)
+    assert counted.renders <= 6 and counted.encodes <= 2, (counted.renders, counted.encodes)
+    assert runs(tok, ex) == [f"answer {i}<|im_end|>" for i in range(1, 200, 2)]
+    t = time.perf_counter()
+    ex = encode_record(long_chat(4000), "chat", tok)
+    assert time.perf_counter() - t < 5 and len(runs(tok, ex)) == 2000
+
+
+@pytest.mark.parametrize(
+    "record",
+    [chat("q", "a"), chat("q", "a", "q2", "a2", system=SYS), chat(" héllo ", "wörld \n", "x", " y"),
+     long_chat(60), chat("<|im_end|>", "a<|im_start|>b")],
+    ids=["one-turn", "system", "spaces-and-accents", "60-turns", "special-tokens-in-text"],
+)  # fmt: skip
+def test_one_render_gives_the_masks_of_rendering_each_prefix(tiny_tokenizer, record):
+    from macft.data.encode import _encode_chat_by_prefixes
+
+    fast = encode_record(record, "chat", tiny_tokenizer)
+    slow = _encode_chat_by_prefixes(tiny_tokenizer, record["messages"])
+    assert fast.ids.tolist() == slow.ids.tolist() and fast.mask.tolist() == slow.mask.tolist()
+
+
 def test_template_that_rejects_system_gives_data_error(tmp_path):
     hf = build_tiny_hf_tokenizer()
     hf.chat_template = (
@@ -150,7 +200,7 @@ def test_template_that_rejects_system_gives_data_error(tmp_path):
         "{% endif %}" + hf.chat_template
     )
     path = write(tmp_path / "d.jsonl", [chat("q", "a", system="s")])
-    with pytest.raises(DataError, match=r"d\.jsonl: .*System role not supported"):
+    with pytest.raises(DataError, match=r"d\.jsonl:1: .*System role not supported"):
         load_data(path, TokenizerWrapper(hf), 64, 0.0, 0)
 
 
@@ -273,6 +323,25 @@ def test_utf8_bom_blank_lines_and_crlf_are_fine(tmp_path):
     path.write_bytes(b'\xef\xbb\xbf{"text": "a"}\r\n\r\n   \n{"text": "b"}\r\n\n')
     records, fmt = read_jsonl(path)
     assert fmt == "text" and [r["text"] for r in records] == ["a", "b"]
+
+
+def test_lone_cr_line_endings_are_lines(tmp_path):
+    """Old Mac files end lines with CR alone; a raw CR cannot sit inside a JSON string."""
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'{"text": "a"}\r{"text": "b\\rc"}\r\r')
+    records, fmt = read_jsonl(path)
+    assert fmt == "text" and [r["text"] for r in records] == ["a", "b\rc"]
+
+
+def test_openai_text_parts_are_the_text_they_carry(tiny_tokenizer, tmp_path):
+    parts = [{"type": "text", "text": "show bgp "}, {"type": "text", "text": "summary?"}]
+    line = {"messages": [{"role": "user", "content": parts},
+                         {"role": "assistant", "content": [{"type": "text", "text": "ok"}]}]}  # fmt: skip
+    path = write(tmp_path / "d.jsonl", [line])
+    records, _ = read_jsonl(path)
+    assert records[0] == chat("show bgp summary?", "ok")
+    train, _, _ = load_data(path, tiny_tokenizer, 64, 0.0, 0)
+    assert runs(tiny_tokenizer, train[0]) == ["ok<|im_end|>"]
 
 
 def bad(tmp_path, lines) -> DataError:
@@ -403,3 +472,17 @@ def test_shared_superbowl_loads(tiny_tokenizer):
     assert rep.format == "completion" and (rep.n_train, rep.n_valid) == (1800, 144)
     assert rep.n_truncated == 0
     assert all(not e.mask[:10].any() for e in train[:20])  # the prompt carries no loss
+
+
+@pytest.mark.real
+def test_one_render_gives_the_prefix_masks_with_smollm2s_tokenizer(smollm2_gguf):
+    """SmolLM2's template adds a default system prompt and its BPE merges across spaces."""
+    from macft.data.encode import _encode_chat_by_prefixes
+    from macft.models.gguf import gguf_tokenizer
+
+    tok = gguf_tokenizer(smollm2_gguf)
+    records, _ = read_jsonl(ROOT / "macft" / "examples" / "net.jsonl")
+    for record in [*records[:20], long_chat(40), chat(" a ", " b\n", "c", "d", system=SYS)]:
+        fast = encode_record(record, "chat", tok)
+        slow = _encode_chat_by_prefixes(tok, record["messages"])
+        assert fast.ids.tolist() == slow.ids.tolist() and fast.mask.tolist() == slow.mask.tolist()

@@ -2,8 +2,11 @@
 
 import errno
 import json
+import os
 import re
+import shlex
 import shutil
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -494,3 +497,75 @@ def test_too_little_free_space_is_refused_before_writing(runs, tmp_path, monkeyp
     result = fuse(runs["lora"], "--out", tmp_path / "x")
     assert_clean_error(result, "free on", "for the export, have 10.0 KB", "another disk")
     assert not (tmp_path / "x").exists()
+
+
+# --- an export folder: whose files, and what a crash or a power cut leaves ------------------
+def snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_an_export_never_replaces_files_macft_did_not_write(runs, tmp_path):
+    out = tmp_path / "models"
+    (out / "mlx").mkdir(parents=True)
+    (out / "mlx" / "notes.txt").write_text("my own model")
+    (out / "Modelfile").write_text("FROM llama3\n")
+    before = snapshot(out)
+    result = fuse(runs["lora"], "--out", out)
+    assert_clean_error(result, f"{out / 'mlx'} is already there and macft did not write it",
+                       "--force to replace mlx")  # fmt: skip
+    assert snapshot(out) == before
+    # --gguf writes a Modelfile: the user's is named
+    assert_clean_error(fuse(runs["lora"], "--out", out, "--gguf"), "--force to replace Modelfile")
+    assert snapshot(out) == before
+    forced = fuse(runs["lora"], "--out", out, "--force")
+    assert forced.exit_code == 0, forced.output
+    assert (out / "mlx" / "config.json").is_file() and not (out / "mlx" / "notes.txt").exists()
+    # macft wrote mlx/ there now: exporting again replaces it without --force
+    again = fuse(runs["lora"], "--out", out, "--dtype", "f32")
+    assert again.exit_code == 0, again.output
+    assert (out / "Modelfile").read_text() == "FROM llama3\n"  # never asked for: left alone
+
+
+def test_a_folder_a_killed_export_moved_aside_comes_back_whatever_its_pid(runs, tmp_path):
+    run = shutil.copytree(runs["lora"], tmp_path / "net")
+    assert fuse(run).exit_code == 0
+    export = run / "export"
+    good = snapshot(export / "mlx")
+    # killed between `mlx -> .old-mlx-PID` and the new mlx's rename; the PID now belongs to a
+    # live process (this one), as after a reboot
+    shutil.move(export / "mlx", export / f".old-mlx-{os.getpid()}")
+    result = fuse(run, "--peft")
+    assert result.exit_code == 0, result.output
+    assert snapshot(export / "mlx") == good
+    assert not [p.name for p in export.iterdir() if p.name.startswith(".")]
+
+
+def test_every_file_is_on_disk_before_the_export_is_renamed_into_place(runs, tmp_path, monkeypatch):
+    synced, renames, real_fsync, real_replace = set(), [], os.fsync, os.replace
+
+    def fsync(fd):
+        synced.add(os.path.realpath(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        src = os.path.realpath(src)
+        if "/export/" in src and ".tmp-" in os.path.basename(src):  # new files taking their name
+            files = [str(p) for p in Path(src).rglob("*") if p.is_file()] or [src]
+            renames.append((src, [f for f in files if f not in synced]))
+        return real_replace(src, dst)
+
+    if not Path("/proc/self/fd").is_dir():
+        pytest.skip("needs /proc to name the files fsync sees")
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    run = shutil.copytree(runs["lora"], tmp_path / "net")
+    assert fuse(run, "--peft").exit_code == 0 and fuse(run).exit_code == 0
+    assert fuse(run, "--quantize", "8").exit_code == 0
+    assert len(renames) >= 3
+    assert [(src, unsynced) for src, unsynced in renames if unsynced] == []
+
+
+def test_the_ollama_create_line_is_one_shell_command():
+    path = Path("/tmp/my runs/it's $(here)/export/Modelfile")
+    line = ollama.create_command("net", path)
+    assert shlex.split(line) == ["ollama", "create", "net", "-f", str(path)]

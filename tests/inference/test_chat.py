@@ -5,6 +5,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import sys
 
 import mlx.core as mx
@@ -359,3 +360,18 @@ def test_real_fine_tune_changes_the_answer(smollm2_gguf, tmp_path):
     base, tuned = result.stdout.split("── fine-tune ──")
     base = base.split("── base ──")[1].strip()
     assert base and tuned.strip() and base != tuned.strip(), result.stdout
+
+
+def test_input_that_is_not_utf8_is_answered_not_a_traceback(run):
+    """A terminal or a pipe in another encoding: the bytes that are not UTF-8 arrive as lone
+    surrogates, which the tokenizer refused with a traceback."""
+    env = {**os.environ, "MACFT_NO_OPENBLAS": "1"}
+    for args, data in (
+        (["--prompt", "-"], b"caf\xe9 in junos?\n"),  # Latin-1
+        ([], b"show \xff routes?\nsecond question\n"),  # one prompt per line
+        (["--prompt", "a\udcff b", "--system", "you are \udce9"], b""),  # arguments too
+    ):
+        argv = [sys.executable, "-m", "macft", "chat", str(run), *args, *GREEDY]
+        out = subprocess.run(argv, input=data, capture_output=True, env=env, timeout=120)
+        err = out.stderr.decode(errors="replace")
+        assert out.returncode == 0 and "Traceback" not in err, err[-2000:]

@@ -71,7 +71,7 @@ def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(rd.os, "fsync", broken_fsync)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(RunError, match="writing state.json failed: disk full"):
         run.update_state(status="running", step=6)
     assert run.state_path.read_bytes() == good
     assert leftovers(run.path) == []
@@ -88,7 +88,7 @@ def test_failed_adapter_save_keeps_the_previous_adapters(tmp_path, monkeypatch):
         raise RuntimeError("killed mid-write")
 
     monkeypatch.setattr(rd.mx, "save_safetensors", half_write)
-    with pytest.raises(OSError, match="killed mid-write"):  # every failed write is an OSError
+    with pytest.raises(RunError, match="killed mid-write"):  # every failed write says which
         run.write_adapters(adapters(2.0), {"fine_tune_type": "lora"})
     monkeypatch.undo()
     loaded = mx.load(str(run.adapters_path))
@@ -107,7 +107,7 @@ def test_failed_checkpoint_leaves_no_folder(tmp_path, monkeypatch):
         raise OSError("killed")
 
     monkeypatch.setattr(rd, "atomic_write_json", fail)
-    with pytest.raises(OSError):
+    with pytest.raises(RunError, match="writing a checkpoint failed: killed"):
         run.save_checkpoint(10, adapters(), opt_state(), {"epoch": 1})
     monkeypatch.undo()
     assert [p.name for p in run.list_checkpoints()] == ["step-000005"]
@@ -229,6 +229,16 @@ def test_a_folder_moved_aside_comes_back_when_its_swap_was_killed(tmp_path):
         assert leftovers(run.path) == [] and run.best is not None
 
 
+def test_metrics_lines_someone_broke_are_skipped_not_fatal(tmp_path):
+    run = RunDir(tmp_path / "a")
+    run.create(RECIPE)
+    run.append_metrics({"step": 5})
+    with open(run.metrics_path, "a") as f:
+        f.write('{"step": ' + "9" * 5000 + "}\n" + "[" * 5000 + "]" * 5000 + "\n[1, 2]\n")
+    run.append_metrics({"step": 10})
+    assert [r["step"] for r in run.read_metrics()] == [5, 10]
+
+
 def test_append_after_a_torn_line_starts_a_new_one(tmp_path):
     run = RunDir(tmp_path / "a")
     run.create(RECIPE)
@@ -250,3 +260,63 @@ def test_resume_check_writes_nothing_and_refuses_a_damaged_checkpoint(tmp_path):
     (folder / "optimizer.safetensors").write_bytes(b"\0" * 8)
     with pytest.raises(RunError, match="step-000005: checkpoint unreadable.*delete it"):
         RunDir(tmp_path / "a").open_for_resume(RECIPE)
+
+
+# --- a run folder never takes over the user's files ------------------------------------------
+USERS = ["notes.tmp-1", ".draft.tmp-22", "report.txt"]
+
+
+def users_files(folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in USERS:
+        (folder / name).write_text(name)
+    (folder / ".old-photos-7").mkdir()  # looks like a folder macft moved aside, is not
+    return folder
+
+
+def test_lock_cleans_only_the_temp_names_macft_writes(tmp_path):
+    run = RunDir(tmp_path / "a")
+    run.create(RECIPE)
+    users_files(run.path)
+    (run.path / ".state.json.tmp-4242-0a1b2c3d").write_text("{")  # a killed write, new names
+    run.checkpoints.mkdir()
+    (run.checkpoints / ".tmp-step-000010-4242-0a1b2c3d").mkdir()
+    (run.checkpoints / "mine.tmp-3").write_text("x")
+    with run.lock():
+        names = sorted(p.name for p in run.path.iterdir())
+    assert set(USERS) | {".old-photos-7"} <= set(names) and "photos" not in names
+    assert ".state.json.tmp-4242-0a1b2c3d" not in names
+    assert sorted(p.name for p in run.checkpoints.iterdir()) == ["mine.tmp-3"]
+
+
+@pytest.mark.parametrize("data", ["../train.jsonl", ".."])
+def test_a_data_path_upwards_never_makes_the_working_folder_the_run(tmp_path, monkeypatch, data):
+    from click.testing import CliRunner
+    from helpers import save_tiny_model_dir, train_args, write_chat
+
+    from macft.cli import cli
+
+    model = save_tiny_model_dir(tmp_path / "tiny")
+    write_chat(tmp_path / "train.jsonl", n=8)
+    work = users_files(tmp_path / "work")
+    monkeypatch.chdir(work)
+    args = train_args(model, data, "x", "--set", "train.iters=1")
+    args = args[: args.index("--out")] + args[args.index("--out") + 2 :]  # the default --out
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    runs = [p for p in (work / "runs").iterdir()]
+    assert len(runs) == 1 and runs[0].name not in ("..", ".", "")
+    assert RunDir(runs[0]).state["status"] == "finished"
+    assert sorted(p.name for p in work.iterdir()) == sorted([*USERS, ".old-photos-7", "runs"])
+
+
+@pytest.mark.parametrize("out", [".", "..", "notes"])
+def test_a_new_run_refuses_the_working_folder_and_a_folder_of_other_files(tmp_path, monkeypatch,
+                                                                          out):  # fmt: skip
+    work = users_files(tmp_path / "work" / "here")
+    users_files(work / "notes")
+    monkeypatch.chdir(work)
+    with pytest.raises(RunError, match="pick another --out|pick a new or empty folder") as e:
+        RunDir(out).create(RECIPE)
+    assert "\n" not in str(e.value)
+    assert not (work / "recipe.yaml").exists() and not (work / "notes" / "recipe.yaml").exists()

@@ -11,7 +11,7 @@ import time
 import mlx.core as mx
 import pytest
 from click.testing import CliRunner
-from helpers import save_tiny_model_dir, train_config
+from helpers import build_tiny_model, save_tiny_model_dir, train_config
 
 from macft.cli import cli
 from macft.errors import MacftError, RunError
@@ -322,3 +322,19 @@ def test_hosts_inside_mlx_launch_is_refused(monkeypatch):
     monkeypatch.setenv("MLX_RANK", "0")
     with pytest.raises(MacftError, match="already runs as one rank of mlx.launch"):
         hosts.launch(["train"], "127.0.0.1,127.0.0.1", None)
+
+
+def test_ranks_with_the_same_config_but_other_weights_refuse_to_train(tmp_path):
+    """Each rank loads `tiny` from its own folder: one config, other weights. The ranks'
+    agreement check hashes the weights too, not the config alone."""
+    data = write_data(tmp_path / "data")
+    rank0, rank1 = tmp_path / "rank0", tmp_path / "rank1"
+    save_tiny_model_dir(rank0 / "tiny", build_tiny_model(seed=0))
+    save_tiny_model_dir(rank1 / "tiny", build_tiny_model(seed=1))
+    args = ["train", "--model", "tiny", "--data", str(data), "--out", "run", *TRAIN,
+            "--set", "train.batch_size=2", "--set", "train.iters=2"]  # fmt: skip
+    codes = finish(start_ranks(tmp_path, [rank0, rank1], args, MACFT_PEER_TIMEOUT="30"))
+    log0 = (tmp_path / "rank0.log").read_text() + (tmp_path / "rank1.log").read_text()
+    assert codes[0] != 0 and codes[1] != 0, log0
+    assert "rank 1 loaded other data or model than rank 0" in log0, log0
+    assert not (rank0 / "run" / "adapters.safetensors").exists()

@@ -2,6 +2,7 @@
 
 import ipaddress
 import json
+import os
 import random
 import re
 import socket
@@ -12,6 +13,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from macft.errors import MacftError, RunError
+from macft.relaunch import macft_command, python_code
 
 LOCAL = "127.0.0.1"  # mlx.launch starts this host's ranks without ssh
 # What mlx.launch prints when a rank ends badly (it exits 0 itself, whatever the ranks did).
@@ -110,8 +112,7 @@ def launcher() -> list[str]:
     if ep is None:
         raise RunError("mlx.launch not found: reinstall mlx (pip install -U mlx)")
     module, attr = ep.value.split(":")
-    code = f"import sys; from {module} import {attr} as m; sys.argv[0] = 'mlx.launch'; m()"
-    return [sys.executable, "-c", code]
+    return python_code(f"from {module} import {attr} as m; sys.argv[0] = 'mlx.launch'; m()")
 
 
 def launch(argv: list[str], hosts: str | None, hostfile: str | None) -> None:
@@ -119,7 +120,7 @@ def launch(argv: list[str], hosts: str | None, hostfile: str | None) -> None:
 
     Every Mac needs the same Python environment at the same path (sys.executable), and the
     data, model and recipe at the same paths relative to the same working folder."""
-    from macft.train.parallel.world import launched
+    from macft.train.parallel.world import TIMEOUT_ENV, launched
 
     if launched():  # started by mlx.launch already: each rank would launch a ring of its own
         raise MacftError("--hosts: this macft already runs as one rank of mlx.launch; drop it")
@@ -133,8 +134,12 @@ def launch(argv: list[str], hosts: str | None, hostfile: str | None) -> None:
                 args += ["--starting-port", str(_free_port(len(spec["hosts"])))]
         elif hosts:
             raise MacftError("--hosts and --hostfile: give one of them")
+        # mlx.launch reaches other Macs over ssh, which drops this shell's variables
+        for name in (TIMEOUT_ENV,):
+            if os.environ.get(name):
+                args += ["--env", f"{name}={os.environ[name]}"]
         cmd = [*launcher(), "--hostfile", hostfile, *args, "--"]
-        cmd += [sys.executable, "-m", "macft", *argv]
+        cmd += macft_command(*argv)
         failed = _run(cmd)
     if failed:
         rank, code = next(((r, c) for r, c in failed if c not in STOPPED_CODES), failed[0])

@@ -22,16 +22,18 @@ class PeerRun:
     def check_free(self) -> None:
         pass
 
-    def create(self, recipe: dict, source: dict | None = None) -> None:
+    def create(self, recipe: dict, source: dict | None = None, data_digest=None) -> None:
         pass
 
     def open(self) -> dict:
         return {}
 
-    def open_for_resume(self, recipe: dict | None = None, write: bool = True) -> dict:
+    def open_for_resume(
+        self, recipe: dict | None = None, write: bool = True, data_digest=None, force=False
+    ) -> dict:
         return {}
 
-    def save_recipe(self, recipe: dict) -> None:
+    def save_recipe(self, recipe: dict, data_digest=None) -> None:
         pass
 
     def recipe(self) -> dict:
@@ -50,6 +52,9 @@ class PeerRun:
 
     def update_state(self, **fields) -> dict:
         return {}
+
+    def mark_failed(self, error: str, **fields) -> None:
+        pass
 
     def append_metrics(self, record: dict) -> None:
         pass

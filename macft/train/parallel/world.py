@@ -241,10 +241,26 @@ def fingerprint(*parts) -> str:
     return h.hexdigest()
 
 
+def weights_digest(model, per_tensor: int = 4096) -> str:
+    """A digest of the frozen base weights: up to `per_tensor` evenly spaced values of each
+    tensor (two copies of one config with other weights differ in all of them). The LoRA
+    weights are left out: every rank starts from rank 0's."""
+    trainable = {k for k, _ in tree_flatten(model.trainable_parameters())}
+    h = hashlib.sha256()
+    for name, value in sorted(tree_flatten(model.parameters()), key=lambda kv: kv[0]):
+        if name in trainable:
+            continue
+        flat = value.reshape(-1)
+        h.update(name.encode() + b"\0")
+        sample = flat[:: max(1, flat.size // per_tensor)]
+        h.update(np.array(sample.view(mx.uint8)).tobytes())  # bytes: bfloat16 has no numpy type
+    return h.hexdigest()
+
+
 def mark_failed(run, message: str) -> None:
     """Best effort, from the watchdog: record why the run stopped, if the run folder exists."""
     if run.state:  # a run folder that exists (rank 0's; a PeerRun's is always empty)
-        run.update_state(status="failed", error=message)
+        run.mark_failed(message)
 
 
 @contextlib.contextmanager
