@@ -190,9 +190,9 @@ def test_a_disk_that_really_fills_fails_cleanly_and_resumes_exactly(tmp_path, mo
                 if when == "step 3" and report["step"] == 3:
                     fill_disk(disk)
 
-        monkeypatch.setattr(session, "TrainProgress", FillsTheDisk)
-        result = CliRunner().invoke(cli, train_args(model, data, out, *sets))
-        monkeypatch.undo()
+        with monkeypatch.context() as m:  # undo() would also undo conftest's path setting
+            m.setattr(session, "TrainProgress", FillsTheDisk)
+            result = CliRunner().invoke(cli, train_args(model, data, out, *sets))
         assert result.exit_code == 1 and "Traceback" not in result.output, result.output
         last = result.output.rstrip().splitlines()[-1]
         if when == "start":

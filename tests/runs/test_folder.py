@@ -87,10 +87,9 @@ def test_failed_adapter_save_keeps_the_previous_adapters(tmp_path, monkeypatch):
             f.write(b"\x00" * 10)  # a torn file
         raise RuntimeError("killed mid-write")
 
-    monkeypatch.setattr(rd.mx, "save_safetensors", half_write)
-    with pytest.raises(RunError, match="killed mid-write"):  # every failed write says which
-        run.write_adapters(adapters(2.0), {"fine_tune_type": "lora"})
-    monkeypatch.undo()
+    with monkeypatch.context() as m, pytest.raises(RunError, match="killed mid-write"):
+        m.setattr(rd.mx, "save_safetensors", half_write)
+        run.write_adapters(adapters(2.0), {"fine_tune_type": "lora"})  # every failure says which
     loaded = mx.load(str(run.adapters_path))
     assert mx.array_equal(loaded["model.layers.0.self_attn.q_proj.lora_a"], adapters(1.0)[
         "model.layers.0.self_attn.q_proj.lora_a"
@@ -106,10 +105,9 @@ def test_failed_checkpoint_leaves_no_folder(tmp_path, monkeypatch):
     def fail(path, obj):
         raise OSError("killed")
 
-    monkeypatch.setattr(rd, "atomic_write_json", fail)
-    with pytest.raises(RunError, match="writing a checkpoint failed: killed"):
+    with monkeypatch.context() as m, pytest.raises(RunError, match="checkpoint failed: killed"):
+        m.setattr(rd, "atomic_write_json", fail)
         run.save_checkpoint(10, adapters(), opt_state(), {"epoch": 1})
-    monkeypatch.undo()
     assert [p.name for p in run.list_checkpoints()] == ["step-000005"]
     assert not (run.checkpoints / "step-000010").exists()
     assert leftovers(run.path) == []
