@@ -2,7 +2,9 @@
 
 import json
 
+import mlx.core as mx
 import mlx_lm
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from mlx_lm.sample_utils import make_sampler
@@ -102,31 +104,46 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
     return same / total
 
 
-def next_token_agreement(llama: LlamaCpp, tokenizer, reference) -> float:
-    """Teacher-forced: along MLX's answers, how often llama.cpp's next greedy token is MLX's."""
-    same = total = 0
+def mlx_logprobs(model, tokenizer, reference) -> list[np.ndarray]:
+    """MLX's log-probabilities for each next token along its own answers."""
+    out = []
     for p, ref in zip(PROMPTS, reference, strict=True):
         ids = prompt_ids(tokenizer, p)
+        logits = model(mx.array([ids + ref]))[0, len(ids) - 1 : len(ids) + len(ref) - 1]
+        out.append(np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True), np.float32))
+    return out
+
+
+def next_token_agreement(llama: LlamaCpp, tokenizer, reference, logprobs) -> tuple[float, float]:
+    """Teacher-forced along MLX's answers: how often llama.cpp's next greedy token is MLX's, and
+    the most log-probability MLX gives up where they differ (small: a near tie, not a change)."""
+    same = total = 0
+    worst = 0.0
+    for p, ref, lp in zip(PROMPTS, reference, logprobs, strict=True):
+        ids = prompt_ids(tokenizer, p)
         for k, want in enumerate(ref):
-            same += llama.generate(ids + ref[:k], 1) == [want]
-            total += 1
-    return same / total
+            (got,) = llama.generate(ids + ref[:k], 1)
+            same, total = same + (got == want), total + 1
+            worst = max(worst, float(lp[k].max() - lp[k, got]))
+    return same / total, worst
 
 
 def test_fused_gguf_answers_like_mlx(run, tmp_path):
-    """f16: the same greedy answers as MLX's fused model, token for token. q4_k_m: re-quantizing
-    a 135M model moves some greedy choices, so answers part after a few tokens; its
-    next-token agreement along MLX's answers is what is checked (measured: see the report)."""
+    """f16: llama.cpp picks MLX's next token along MLX's answers, but for near ties (f16
+    rounding moves a tie either way, and one tie parts the greedy answers from there on).
+    q4_k_m: re-quantizing a 135M model moves some greedy choices; its next-token agreement
+    along MLX's answers is what is checked (measured: see the report)."""
     mlx_dir = tmp_path / "mlx-export"
     result = CliRunner().invoke(cli, ["fuse", str(run), "--dtype", "f32", "--out", str(mlx_dir)])
     assert result.exit_code == 0, result.output
     model, tokenizer = mlx_lm.load(str(mlx_dir / "mlx"))
     reference = mlx_answers(model, tokenizer)
     assert all(reference), reference
+    logprobs = mlx_logprobs(model, tokenizer, reference)
     assert tokenizer.decode(reference[0]).startswith("show bgp summary")  # the fine-tune took
 
     export = run / "export"
-    greedy, forced = {}, {}
+    greedy, forced, gap = {}, {}, {}
     for quant in ("f16", "q4_k_m"):
         result = CliRunner().invoke(cli, ["fuse", str(run), "--gguf", "--quant", quant])
         assert result.exit_code == 0, result.output
@@ -135,13 +152,14 @@ def test_fused_gguf_answers_like_mlx(run, tmp_path):
         answers = [llama.generate(prompt_ids(tokenizer, p), MAX_TOKENS) for p in PROMPTS]
         answers = [[t for t in a if t not in tokenizer.eos_token_ids] for a in answers]
         greedy[quant] = agreement(reference, answers)
-        forced[quant] = next_token_agreement(llama, tokenizer, reference)
-        print(f"{quant}: greedy {greedy[quant]:.0%}, next-token {forced[quant]:.0%} like MLX")
+        forced[quant], gap[quant] = next_token_agreement(llama, tokenizer, reference, logprobs)
+        print(f"{quant}: greedy {greedy[quant]:.0%}, next-token {forced[quant]:.0%} like MLX,"
+              f" MLX gives up at most {gap[quant]:.3f} nats where they differ")  # fmt: skip
         for ref, got in zip(reference, answers, strict=True):
             print(f"  mlx  {tokenizer.decode(ref)!r}\n  gguf {tokenizer.decode(got)!r}")
         del llama
     modelfile = (export / "Modelfile").read_text()
     assert modelfile.startswith("FROM ./net-q4_k_m.gguf\n") and "<|im_start|>" in modelfile
     assert 'PARAMETER stop "<|im_end|>"' in modelfile and "SYSTEM" in modelfile
-    assert greedy["f16"] == 1.0 and forced["f16"] == 1.0, (greedy, forced)
-    assert forced["q4_k_m"] >= 0.8, (greedy, forced)
+    assert forced["f16"] >= 0.9 and gap["f16"] < 0.1, (greedy, forced, gap)
+    assert forced["q4_k_m"] >= 0.8, (greedy, forced, gap)

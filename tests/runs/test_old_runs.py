@@ -3,7 +3,8 @@
 old_run_c936b6d/ is a run that macft at commit c936b6d wrote and Ctrl-C stopped at step 4 of 8
 (tiny model of helpers.py, write_chat(n=12), the settings below): no data digest in its
 state.json, the temp-file names and JSON of that version. Only its two paths are rewritten to
-where this test puts the same model and data.
+where this test puts the same model and data. That macft trained on the CPU's path (a float32
+copy), so the run it is compared with takes the same path.
 """
 
 import json
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+import pytest
 import yaml
 from click.testing import CliRunner
 from helpers import save_tiny_model_dir, write_chat
@@ -30,6 +32,7 @@ def curve(run: Path) -> dict:
     return {r["step"]: (r.get("train_loss"), r.get("val_loss")) for r in RunDir(run).read_metrics()}
 
 
+@pytest.mark.path("cpu")
 def test_a_run_written_by_c936b6d_resumes_to_an_uninterrupted_runs_adapters(tmp_path):
     model, data = save_tiny_model_dir(tmp_path / "tiny"), write_chat(tmp_path / "net.jsonl", n=12)
     old = Path(shutil.copytree(OLD_RUN, tmp_path / "old"))
