@@ -4,8 +4,12 @@ here; the real SmolLM2-135M GGUF for the tests marked `real`; the path every tes
 Tests take the Mac's path by default (MACFT_MAC_PATH=1: the 4-bit base with MLX's quantized
 matmuls and 16-bit activations), `pytest --path cpu` a CPU's (a float32 copy, per-matmul
 dequantize, lean ops, CPU streams); `make test` runs both. A test about one path says so with
-@pytest.mark.path("cpu") or ("mac").
+@pytest.mark.path("cpu") or ("mac") and runs only in that path's pass; a real-model test is
+slow on the Mac's path here (MLX's quantized kernels on a CPU), so it runs once, in the Mac's
+pass unless it says "cpu". Every other test runs in both passes.
 """
+
+import os
 
 import pytest
 from helpers import (
@@ -53,19 +57,25 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "path(name): this test runs on the 'mac' or 'cpu' path")
-
-
-def path_of(request) -> str:
-    marker = request.node.get_closest_marker("path")
-    return marker.args[0] if marker else request.config.getoption("--path")
-
-
-@pytest.fixture(autouse=True)
-def machine_path(request, monkeypatch):
-    """MACFT_MAC_PATH set or unset for the test (its subprocesses inherit it)."""
-    path = path_of(request)
-    if path == "mac":
-        monkeypatch.setenv("MACFT_MAC_PATH", "1")
+    # Set for the whole pass (subprocesses inherit it), so module-scoped fixtures that train or
+    # load take the same path as the tests that use them.
+    if config.getoption("--path") == "mac":
+        os.environ["MACFT_MAC_PATH"] = "1"
     else:
-        monkeypatch.delenv("MACFT_MAC_PATH", raising=False)
-    return path
+        os.environ.pop("MACFT_MAC_PATH", None)
+
+
+def own_path(item) -> str | None:
+    """The one pass a test belongs to, or None for a test that runs in both."""
+    marker = item.get_closest_marker("path")
+    if marker:
+        return marker.args[0]
+    return "mac" if item.get_closest_marker("real") else None
+
+
+def pytest_collection_modifyitems(config, items):
+    this = config.getoption("--path")
+    other = [item for item in items if own_path(item) not in (None, this)]
+    if other:
+        config.hook.pytest_deselected(items=other)
+        items[:] = [item for item in items if own_path(item) in (None, this)]

@@ -11,7 +11,9 @@ from mlx_lm.sample_utils import make_sampler
 
 from macft.cli import cli
 
-pytestmark = pytest.mark.real
+# The CPU's path (trained and fused in float32): on the Mac's path this module takes ~3 minutes
+# here, and tests/cli/test_mac_path_e2e.py already fuses and exports a Mac-path run.
+pytestmark = [pytest.mark.real, pytest.mark.path("cpu")]
 
 QA = [
     ("show bgp summary in junos?", "show bgp summary"),

@@ -340,6 +340,7 @@ def test_ctrl_d_leaves_cleanly(run):
 
 
 @pytest.mark.real
+@pytest.mark.path("cpu")  # the Mac's path on the real model: tests/cli/test_mac_path_e2e.py
 def test_real_fine_tune_changes_the_answer(smollm2_gguf, tmp_path):
     data = tmp_path / "qa.jsonl"
     data.write_text("".join(json.dumps({"prompt": q, "completion": a}) + "\n" for q, a in QA))

@@ -10,7 +10,9 @@ from macft.cli import cli
 
 WIKISQL = SHARED_DATA / "wikisql"
 
-pytestmark = pytest.mark.real
+# The CPU's path: the Mac's path on the real model is tests/cli/test_mac_path_e2e.py, and
+# MLX's quantized kernels on this CPU would make this test minutes long.
+pytestmark = [pytest.mark.real, pytest.mark.path("cpu")]
 
 
 @pytest.mark.skipif(not WIKISQL.is_dir(), reason="needs ../shared/data/wikisql beside the repo")
