@@ -223,9 +223,11 @@ def test_default_export_chats_and_requantized_loads(runs, tmp_path):
     assert json.loads((folder / "config.json").read_text())["quantization"]["bits"] == 4
     q4 = logits_of(model)
     # 4-bit noise on a tiny random model is large for single logits (it depends on the random
-    # draw), so judge the whole logit tensor: a wrong merge or layout gives unrelated logits.
+    # draw), so judge the whole logit tensor: a wrong merge or layout gives unrelated logits,
+    # rel ~1.4 (sqrt 2). Measured: 0.3-0.5 (on the Mac's path the f16 model is itself a 4-bit
+    # base with the adapters merged, so requantizing it moves more).
     rel = (mx.sqrt(mx.mean((q4 - f16) ** 2)) / mx.sqrt(mx.mean(f16**2))).item()
-    assert rel < 0.5, rel
+    assert rel < 0.7, rel
     assert not [p.name for p in (run / "export").iterdir() if p.name.startswith(".")]
 
 

@@ -238,8 +238,9 @@ def test_eval_writes_summary_and_per_example_answers(tiny_run):
         assert s["loss"][side]["perplexity"] == pytest.approx(math.exp(s["loss"][side]["loss"]))
     # training on these very answers lowers their loss; the base is the untouched model
     assert s["loss"]["fine_tune"]["loss"] < s["loss"]["base"]["loss"]
-    # the base side is the untouched model: a fresh load with no LoRA at all
-    base = load_base(str(tiny_run["model"]), compute="float32")
+    # the base side is the untouched model: a fresh load with no LoRA at all, as this path
+    # loads it (the Mac's: 4-bit with bfloat16 activations; a CPU's: a float32 copy)
+    base = load_base(str(tiny_run["model"]))
     base_model, tokenizer = base.model, base.tokenizer
     records, fmt = load_eval_data(str(test), 3)
     want, _ = _manual_loss(base_model, loss_examples(records, fmt, tokenizer, 2048))
