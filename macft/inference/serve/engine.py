@@ -1,0 +1,211 @@
+"""The generation worker: one thread owns MLX and runs every request in one continuous batch.
+
+Requests for different adapters (and the base) decode together: before each forward pass the
+worker tells the adapter bank which slot each row of the batch asks for. Prefill, caches,
+sampling and the EOS check are mlx-lm's continuous batching; this module adds the adapters,
+text stops, cancellation (a client gone frees its row) and one log line per request.
+"""
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.sample_utils import apply_top_p, make_sampler
+
+from macft.lora.multi import AdapterBank
+from macft.models.mlx_lm_compat import start_generation
+
+
+def job_sampler(temp: float, top_p: float, seed: int | None):
+    """mlx-lm's sampler; with a seed, one PRNG key per request, so the same seed gives the same
+    answer whatever else shares the batch (a global seed would be consumed by every row)."""
+    if seed is None or temp == 0:
+        return make_sampler(temp=temp, top_p=top_p if temp > 0 else 0.0)
+    key = mx.random.key(seed)
+
+    def sample(logprobs: mx.array) -> mx.array:
+        nonlocal key
+        if 0 < top_p < 1:
+            logprobs = apply_top_p(logprobs, top_p)
+        key, sub = mx.random.split(key)
+        return mx.random.categorical(logprobs * (1 / temp), key=sub)
+
+    return sample
+
+
+@dataclass
+class Job:
+    """One request: what to generate, and the events its HTTP thread reads."""
+
+    name: str  # the model name asked for (for the log line)
+    slot: int  # the adapter bank's slot: 0 is the base
+    prompt: list[int]
+    max_tokens: int
+    temp: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    events: queue.Queue = field(
+        default_factory=queue.Queue
+    )  # ("text", s) / ("end", reason) / ("error", s)
+    cancelled: bool = False  # set by the HTTP thread when its client went away
+    completion_tokens: int = 0
+    # the worker's state
+    _text: str = ""  # all text generated so far
+    _sent: int = 0  # how much of it the client has
+    _detok: object = None
+    _start: float = 0.0
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Engine:
+    """Owns the model; `submit` queues a Job, the worker batches and answers it."""
+
+    def __init__(self, model, tokenizer, bank: AdapterBank, log=print, max_batch: int = 16):
+        self.model, self.tokenizer, self.bank, self.log = model, tokenizer, bank, log
+        self.max_batch = max_batch
+        self._queue: queue.Queue[Job] = queue.Queue()
+        self._jobs: dict[int, Job] = {}  # uid -> job, for the rows of the running batch
+        self._batch = None
+        self._uid = 0
+        self._stop = threading.Event()
+        self._calls: queue.Queue = queue.Queue()  # functions to run on the worker (adapters)
+        self._thread = threading.Thread(target=self._run, name="macft-generate", daemon=True)
+
+    def start(self) -> "Engine":
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    @property
+    def busy(self) -> int:
+        return len(self._jobs)
+
+    def submit(self, job: Job) -> Job:
+        self._queue.put(job)
+        return job
+
+    def call(self, fn):
+        """Run fn() on the worker between steps (MLX's state is the worker's); its result or error."""
+        done: queue.Queue = queue.Queue()
+        self._calls.put((fn, done))
+        ok, value = done.get()
+        if not ok:
+            raise value
+        return value
+
+    # --- the worker ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._calls_pending()
+                if not self._jobs:
+                    try:
+                        self._admit(self._queue.get(timeout=0.05))
+                    except queue.Empty:
+                        continue
+                while len(self._jobs) < self.max_batch and not self._queue.empty():
+                    self._admit(self._queue.get_nowait())
+                self._drop([u for u, j in self._jobs.items() if j.cancelled])
+                if self._jobs:
+                    self._step()
+            except Exception as e:  # a failed step fails its requests, never the server
+                for job in self._jobs.values():
+                    job.events.put(("error", f"generation failed: {e}"))
+                self._jobs, self._batch = {}, None
+
+    def _calls_pending(self) -> None:
+        while not self._calls.empty():
+            fn, done = self._calls.get_nowait()
+            try:
+                done.put((True, fn()))
+            except Exception as e:
+                done.put((False, e))
+
+    def _admit(self, job: Job) -> None:
+        if job.cancelled:
+            return
+        uid, self._uid = self._uid, self._uid + 1
+        job._detok, job._start = self.tokenizer.detokenizer, time.perf_counter()
+        sampler = job_sampler(job.temp, job.top_p, job.seed)
+        self.bank.rows.set([job.slot])  # the prefill and first token: this row alone
+        try:
+            row = start_generation(
+                self.model,
+                uid,
+                job.prompt,
+                sampler,
+                self.tokenizer.eos_token_ids,
+                job.max_tokens,
+                make_prompt_cache(self.model),
+            )
+        except Exception as e:  # this request fails; the running batch goes on
+            job.events.put(("error", f"generation failed: {e}"))
+            return
+        if self._batch is None or not self._jobs:
+            self._batch = row
+        else:
+            self._batch.extend(row)
+        self._jobs[uid] = job
+
+    def _drop(self, uids: list[int]) -> None:
+        if not uids:
+            return
+        gone = set(uids)
+        self._batch.filter([i for i, u in enumerate(self._batch.uids) if u not in gone])
+        for u in gone:
+            self._jobs.pop(u, None)
+
+    def _step(self) -> None:
+        self.bank.rows.set([self._jobs[u].slot for u in self._batch.uids])
+        stopped = []
+        for r in self._batch.next():
+            job = self._jobs[r.uid]
+            eos = r.finish_reason == "stop"  # mlx-lm's stop: an EOS token, never shown
+            if not eos:
+                job.completion_tokens += 1
+                job._detok.add_token(r.token)
+            if r.finish_reason is not None:
+                job._detok.finalize()
+            job._text += job._detok.last_segment
+            reason = self._emit(job, r.finish_reason)
+            if reason is not None:
+                self._finish(job, reason)
+                if r.finish_reason is None:
+                    stopped.append(r.uid)  # a stop string: mlx-lm would go on
+                else:
+                    self._jobs.pop(r.uid)  # mlx-lm has dropped the row itself
+        self._drop(stopped)
+
+    def _emit(self, job: Job, finish: str | None) -> str | None:
+        """Send the text no stop string can still claim; the finish reason once it ends."""
+        end = len(job._text)
+        for s in job.stop:
+            at = job._text.find(s, max(0, job._sent - len(s) + 1))
+            if at != -1 and at < end:
+                end, finish = at, "stop"
+        if end == len(job._text) and finish is None and job.stop:
+            # Hold back a tail that may be the start of a stop string.
+            end = max(job._sent, end - max(len(s) for s in job.stop) + 1)
+        if end > job._sent:
+            job.events.put(("text", job._text[job._sent : end]))
+            job._sent = end
+        return finish
+
+    def _finish(self, job: Job, reason: str) -> None:
+        seconds = time.perf_counter() - job._start
+        job.events.put(("end", reason))
+        tps = job.completion_tokens / seconds if seconds > 0 else 0.0
+        self.log(
+            f"{job.name}: {len(job.prompt)} tokens in, {job.completion_tokens} out, "
+            f"{tps:.1f} tokens/s, {reason}"
+        )
