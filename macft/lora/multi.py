@@ -39,7 +39,8 @@ class MultiLoRALinear(nn.Module):
         in_dims, out_dims = linear_dims(linear)
         self.lora_a = mx.zeros((1, in_dims, 1))  # (slots, in, rank)
         self.lora_b = mx.zeros((1, 1, out_dims))  # (slots, rank, out)
-        self.scales = [0.0]
+        # Python floats, as LoRALinear's scale; set past nn.Module so they are no parameter.
+        object.__setattr__(self, "scales", [0.0])
 
     def set_slot(self, slot: int, a: mx.array | None, b: mx.array | None, scale: float) -> None:
         """Put adapter (a (in, r), b (r, out)) in `slot` (None: this layer has none there)."""
@@ -57,7 +58,7 @@ class MultiLoRALinear(nn.Module):
             la[slot, :, : a.shape[1]] = a.astype(la.dtype)
             lb[slot, : b.shape[0], :] = b.astype(lb.dtype)
         self.lora_a, self.lora_b = la, lb
-        self.scales += [0.0] * (slots - len(self.scales))
+        self.scales.extend([0.0] * (slots - len(self.scales)))
         self.scales[slot] = scale if a is not None else 0.0
 
     def __call__(self, x: mx.array) -> mx.array:

@@ -70,7 +70,13 @@ def start_generation(model, uid: int, prompt: list[int], sampler, stop_ids, max_
     of one row whose first token is already being computed; running.extend(it) joins a batch."""
     stops = StopSequences([[t] for t in stop_ids])
     batch = PromptProcessingBatch(
-        model, [uid], [cache], samplers=[sampler], stop_sequences=[stops], max_tokens=[max_tokens]
+        model,
+        [uid],
+        [cache],
+        samplers=[sampler],
+        logits_processors=[()],
+        stop_sequences=[stops],
+        max_tokens=[max_tokens],
     )
     return batch.generate([prompt])
 

@@ -147,7 +147,7 @@ class Answer:
 
     @staticmethod
     def usage(job: Job) -> dict:
-        n, m = len(job.prompt), job.completion_tokens
+        n, m = len(job.prompt), len(job.tokens)
         return {"prompt_tokens": n, "completion_tokens": m, "total_tokens": n + m}
 
     def whole(self, text: str, reason: str, job: Job) -> dict:

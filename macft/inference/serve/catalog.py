@@ -6,6 +6,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import mlx.core as mx
+
 from macft.errors import MacftError, ModelError, RunError
 from macft.lora.multi import AdapterBank
 from macft.runs.folder import RunDir
@@ -125,6 +127,8 @@ def open_catalog(runs: list[str], model: str | None) -> tuple[Catalog, list[str]
         for path, ra in read[1:]:
             check_base(path, ra, base_path)  # before the base loads: fail fast
     base = load_run_base(base_path, first.model_cfg if first else {}, first and first.origin)
+    # Read every weight now, not on the first request, so start-up reports the memory.
+    mx.eval(base.model.parameters())
     base.model.eval()
     catalog = Catalog(base, base_path, explicit_base=model is not None)
     names = [run_name(path) for path in runs]

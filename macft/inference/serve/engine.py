@@ -51,8 +51,9 @@ class Job:
     events: queue.Queue = field(
         default_factory=queue.Queue
     )  # ("text", s) / ("end", reason) / ("error", s)
-    cancelled: bool = False  # set by the HTTP thread when its client went away
-    completion_tokens: int = 0
+    cancelled: bool = False  # set by the HTTP thread when its client went away (or it ended)
+    done: bool = False  # its end was sent
+    tokens: list[int] = field(default_factory=list)  # the answer's token ids (no EOS)
     # the worker's state
     _text: str = ""  # all text generated so far
     _sent: int = 0  # how much of it the client has
@@ -73,6 +74,7 @@ class Engine:
         self._jobs: dict[int, Job] = {}  # uid -> job, for the rows of the running batch
         self._batch = None
         self._uid = 0
+        self.widest = 0  # the most rows one step has run (the batching at work)
         self._stop = threading.Event()
         self._calls: queue.Queue = queue.Queue()  # functions to run on the worker (adapters)
         self._thread = threading.Thread(target=self._run, name="macft-generate", daemon=True)
@@ -105,6 +107,15 @@ class Engine:
     # --- the worker ---------------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            # MLX's streams are per thread: a thread that leaves its own behind makes the
+            # process abort at exit ("terminate called without an active exception").
+            mx.synchronize()
+            mx.clear_streams()
+
+    def _loop(self) -> None:
         while not self._stop.is_set():
             try:
                 self._calls_pending()
@@ -163,16 +174,19 @@ class Engine:
         gone = set(uids)
         self._batch.filter([i for i, u in enumerate(self._batch.uids) if u not in gone])
         for u in gone:
-            self._jobs.pop(u, None)
+            job = self._jobs.pop(u)
+            if not job.done:
+                self._log_line(job, "cancelled: the client left")
 
     def _step(self) -> None:
         self.bank.rows.set([self._jobs[u].slot for u in self._batch.uids])
+        self.widest = max(self.widest, len(self._batch.uids))
         stopped = []
         for r in self._batch.next():
             job = self._jobs[r.uid]
             eos = r.finish_reason == "stop"  # mlx-lm's stop: an EOS token, never shown
             if not eos:
-                job.completion_tokens += 1
+                job.tokens.append(r.token)
                 job._detok.add_token(r.token)
             if r.finish_reason is not None:
                 job._detok.finalize()
@@ -202,10 +216,14 @@ class Engine:
         return finish
 
     def _finish(self, job: Job, reason: str) -> None:
-        seconds = time.perf_counter() - job._start
+        job.done = True
         job.events.put(("end", reason))
-        tps = job.completion_tokens / seconds if seconds > 0 else 0.0
+        self._log_line(job, reason)
+
+    def _log_line(self, job: Job, how: str) -> None:
+        seconds = time.perf_counter() - job._start
+        tps = len(job.tokens) / seconds if seconds > 0 else 0.0
         self.log(
-            f"{job.name}: {len(job.prompt)} tokens in, {job.completion_tokens} out, "
-            f"{tps:.1f} tokens/s, {reason}"
+            f"{job.name}: {len(job.prompt)} tokens in, {len(job.tokens)} out, "
+            f"{tps:.1f} tokens/s, {how}"
         )

@@ -9,13 +9,14 @@ from rich.markup import escape
 from macft import device
 from macft.cpu.process import describe as describe_backend
 from macft.inference.serve.catalog import open_catalog
-from macft.inference.serve.server import make_server
+from macft.inference.serve.server import check_host, make_server
 
 
 def serve(runs: list[str], model, host: str, port: int, api_key, info: Console) -> None:
     def log(line: str) -> None:
         info.print(f"[dim]{datetime.now():%H:%M:%S}[/] {escape(line)}")
 
+    check_host(host, api_key)  # before minutes of loading
     device.reset_peak_memory()
     with info.status(f"loading {escape(', '.join(runs) or str(model))} ..."):
         catalog, notes = open_catalog(runs, model)

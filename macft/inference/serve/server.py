@@ -203,13 +203,18 @@ class Handler(BaseHTTPRequestHandler):
         self._event("[DONE]")
 
 
-def make_server(catalog: Catalog, host: str, port: int, api_key: str | None, log) -> Server:
-    """The engine started and the socket bound; serve_forever() answers."""
+def check_host(host: str, api_key: str | None) -> None:
+    """Safe by default: beyond this machine only with a key."""
     if host not in LOCAL_HOSTS and not api_key:
         raise MacftError(
             f"--host {host} opens the server beyond this machine; give --api-key KEY so only "
             "clients with the key are answered"
         )
+
+
+def make_server(catalog: Catalog, host: str, port: int, api_key: str | None, log) -> Server:
+    """The engine started and the socket bound; serve_forever() answers."""
+    check_host(host, api_key)
     engine = Engine(catalog.model, catalog.tokenizer, catalog.bank, log=log).start()
     try:
         return Server((host, port), catalog, engine, api_key, log)
