@@ -291,7 +291,14 @@ def test_adapters_added_and_removed_while_serving(server, root, client, chat_ans
     assert raw(server, "POST", "/v1/adapters", json.dumps({"path": str(copy)}))[0] == 409
     assert raw(server, "POST", "/v1/adapters", json.dumps({"path": str(tmp_path / "x")}))[0] == 400
     assert raw(server, "POST", "/v1/adapters", b'{"path": 3}')[0] == 400
+    # A long answer with net2 is under way when net2 goes: it ends with an error, not the base.
+    job = Job("net2", server.catalog.get("net2").slot, [5, 6, 7], 400, temp=0)
+    server.engine.submit(job)
+    assert job.events.get()[0] == "text"
     assert raw(server, "DELETE", "/v1/adapters/net2")[0] == 200
+    while (event := job.events.get())[0] == "text":
+        pass
+    assert event == ("error", "model net2 was removed while answering")
     assert raw(server, "DELETE", "/v1/adapters/tiny")[0] == 400  # the base stays
     assert raw(server, "DELETE", "/v1/adapters/net2")[0] == 404
     assert raw(server, "POST", "/v1/chat/completions", json.dumps(ask("net2", q)))[0] == 404

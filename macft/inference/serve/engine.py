@@ -104,6 +104,23 @@ class Engine:
             raise value
         return value
 
+    def evict(self, slot: int, why: str) -> None:
+        """Fail every request for `slot`, running or queued (on the worker: see call)."""
+        queued = []
+        while not self._queue.empty():
+            queued.append(self._queue.get_nowait())
+        for job in queued:
+            if job.slot == slot:
+                job.done = True
+                job.events.put(("error", why))
+            else:
+                self._queue.put(job)
+        doomed = [u for u, j in self._jobs.items() if j.slot == slot]
+        for u in doomed:
+            self._jobs[u].done = True
+            self._jobs[u].events.put(("error", why))
+        self._drop(doomed)
+
     # --- the worker ---------------------------------------------------------------------
 
     def _run(self) -> None:

@@ -141,11 +141,17 @@ class Handler(BaseHTTPRequestHandler):
         self._send(200, {"id": served.name, "object": "model", "created": served.created})
 
     def _remove_adapter(self, name: str) -> None:
-        catalog = self.server.catalog
-        if catalog.get(name) is None:
+        catalog, engine = self.server.catalog, self.server.engine
+        served = catalog.get(name)
+        if served is None:
             raise ApiError(404, f"model {name!r} is not served", "name", "model_not_found")
+
+        def remove():
+            catalog.remove(name)  # refuses the base before any request is failed
+            engine.evict(served.slot, f"model {name} was removed while answering")
+
         try:
-            self.server.engine.call(lambda: catalog.remove(name))
+            engine.call(remove)
         except MacftError as e:
             raise ApiError(400, str(e), "name") from None
         self.server.log(f"removed {name}")
