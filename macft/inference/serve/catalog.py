@@ -73,6 +73,9 @@ class Catalog:
         self.base_name = name
         self.models: dict[str, Served] = {name: Served(name, 0, None, base_path, int(time.time()))}
         self.lock = threading.Lock()  # add/remove against lookups from request threads
+        # The Rust tokenizer may refuse two threads at once ("Already borrowed"): request
+        # threads encode and the worker decodes under this lock.
+        self.tokenizer_lock = threading.Lock()
         cfg = base.config
         self.context = cfg.get("max_position_embeddings") or cfg.get("n_ctx")
 

@@ -6,6 +6,7 @@ sampling and the EOS check are mlx-lm's continuous batching; this module adds th
 text stops, cancellation (a client gone frees its row) and one log line per request.
 """
 
+import functools
 import queue
 import threading
 import time
@@ -15,15 +16,20 @@ import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import apply_top_p, make_sampler
 
-from macft.lora.multi import AdapterBank
 from macft.models.mlx_lm_compat import start_generation
+
+
+@functools.lru_cache(maxsize=64)
+def _shared_sampler(temp: float, top_p: float):
+    # One function per setting: mlx-lm samples rows that share a sampler in one call.
+    return make_sampler(temp=temp, top_p=top_p)
 
 
 def job_sampler(temp: float, top_p: float, seed: int | None):
     """mlx-lm's sampler; with a seed, one PRNG key per request, so the same seed gives the same
     answer whatever else shares the batch (a global seed would be consumed by every row)."""
     if seed is None or temp == 0:
-        return make_sampler(temp=temp, top_p=top_p if temp > 0 else 0.0)
+        return _shared_sampler(temp, top_p if temp > 0 else 0.0)
     key = mx.random.key(seed)
 
     def sample(logprobs: mx.array) -> mx.array:
@@ -67,8 +73,9 @@ class Job:
 class Engine:
     """Owns the model; `submit` queues a Job, the worker batches and answers it."""
 
-    def __init__(self, model, tokenizer, bank: AdapterBank, log=print, max_batch: int = 16):
-        self.model, self.tokenizer, self.bank, self.log = model, tokenizer, bank, log
+    def __init__(self, catalog, log=print, max_batch: int = 16):
+        self.model, self.tokenizer, self.bank = catalog.model, catalog.tokenizer, catalog.bank
+        self.tokenizer_lock, self.log = catalog.tokenizer_lock, log
         self.max_batch = max_batch
         self._queue: queue.Queue[Job] = queue.Queue()
         self._jobs: dict[int, Job] = {}  # uid -> job, for the rows of the running batch
@@ -202,12 +209,13 @@ class Engine:
         for r in self._batch.next():
             job = self._jobs[r.uid]
             eos = r.finish_reason == "stop"  # mlx-lm's stop: an EOS token, never shown
-            if not eos:
-                job.tokens.append(r.token)
-                job._detok.add_token(r.token)
-            if r.finish_reason is not None:
-                job._detok.finalize()
-            job._text += job._detok.last_segment
+            with self.tokenizer_lock:
+                if not eos:
+                    job.tokens.append(r.token)
+                    job._detok.add_token(r.token)
+                if r.finish_reason is not None:
+                    job._detok.finalize()
+                job._text += job._detok.last_segment
             reason = self._emit(job, r.finish_reason)
             if reason is not None:
                 self._finish(job, reason)

@@ -9,7 +9,6 @@ with a 4xx, and a failing request never stops the server.
 import hmac
 import json
 import socket
-import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from macft.errors import MacftError
@@ -30,10 +29,9 @@ class Server(ThreadingHTTPServer):
             self.address_family = socket.AF_INET6
         super().__init__(address, Handler)
         self.catalog, self.engine, self.api_key, self.log = catalog, engine, api_key, log
-        self._tokenize = threading.Lock()  # one tokenizer, many request threads
 
     def encode(self, text: str, special: bool) -> list[int]:
-        with self._tokenize:
+        with self.catalog.tokenizer_lock:
             return self.catalog.tokenizer.encode(text, add_special_tokens=special)
 
     def close(self) -> None:
@@ -50,6 +48,7 @@ class Server(ThreadingHTTPServer):
 class Handler(BaseHTTPRequestHandler):
     server: Server
     protocol_version = "HTTP/1.0"  # one request per connection; a stream ends when it closes
+    timeout = 120  # seconds a socket read or write may stall: a silent client frees its thread
 
     def log_message(self, format, *args):  # the engine logs one line per generation
         pass
@@ -221,7 +220,7 @@ def check_host(host: str, api_key: str | None) -> None:
 def make_server(catalog: Catalog, host: str, port: int, api_key: str | None, log) -> Server:
     """The engine started and the socket bound; serve_forever() answers."""
     check_host(host, api_key)
-    engine = Engine(catalog.model, catalog.tokenizer, catalog.bank, log=log).start()
+    engine = Engine(catalog, log=log).start()
     try:
         return Server((host, port), catalog, engine, api_key, log)
     except OSError as e:
