@@ -205,6 +205,8 @@ BAD = [
     (json.dumps({**GOOD, "temperature": -1}), 400),
     (json.dumps({**GOOD, "top_p": 2}), 400),
     (json.dumps({**GOOD, "seed": 1.5}), 400),
+    (json.dumps({**GOOD, "seed": -1, "temperature": 1}), 400),
+    (json.dumps({**GOOD, "seed": 2**64, "temperature": 1}), 400),
     (json.dumps({**GOOD, "stop": 5}), 400),
     (json.dumps({**GOOD, "stop": ["a", "b", "c", "d", "e"]}), 400),
     (json.dumps({**GOOD, "stream": "yes"}), 400),
@@ -226,6 +228,8 @@ def test_malformed_requests_get_4xx_and_the_server_goes_on(server):
         400,
         411,
     )
+    lone = ask("net", "a lone surrogate \ud800 from a JSON escape", max_tokens=2)
+    assert raw(server, "POST", "/v1/chat/completions", json.dumps(lone))[0] == 200
     status, answer = raw(server, "POST", "/v1/chat/completions", json.dumps(GOOD))
     assert status == 200 and answer["usage"]["completion_tokens"] == 2
     assert server.engine.busy == 0

@@ -128,7 +128,7 @@ def parse(body, catalog: Catalog, chat: bool, encode) -> tuple[Served, Job, bool
         max_tokens=limit,
         temp=float(_get(body, "temperature", (int, float), 1.0, lo=0, hi=2)),
         top_p=float(_get(body, "top_p", (int, float), 1.0, lo=0, hi=1)),
-        seed=_get(body, "seed", (int,), None),
+        seed=_get(body, "seed", (int,), None, lo=0, hi=2**64 - 1),
         stop=stop or [],
     )
     return served, job, stream, options
