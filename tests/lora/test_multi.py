@@ -12,16 +12,21 @@ from macft.lora.multi import AdapterBank, MultiLoRALinear
 X = mx.array([[5, 17, 42, 99, 3], [7, 7, 200, 1, 64], [250, 9, 31, 8, 120]])
 
 
-def lora_model(seed: int, rank: int, targets: str):
+def lora_model(seed: int, rank: int, targets: str, dora: bool = False):
     """A LoRA model (non-zero adapters) as chat loads a run: (model, its tensors, scale)."""
-    model = trained_lora(seed=seed, spread=0.5, rank=rank, alpha=2 * rank, targets=targets)
+    kw = {"rank": rank, "alpha": 2 * rank, "targets": targets, "dora": dora}
+    model = trained_lora(seed=seed, spread=0.5, **kw)
     model.eval()  # no LoRA dropout, as chat generates
     return model, dict(tree_flatten(model.trainable_parameters())), 2.0
 
 
 @pytest.fixture(scope="module")
 def adapters():
-    return {"a": lora_model(1, 4, "all-linear"), "b": lora_model(2, 8, "attention")}
+    return {
+        "a": lora_model(1, 4, "all-linear"),
+        "b": lora_model(2, 8, "attention"),
+        "d": lora_model(3, 4, "all-linear", dora=True),
+    }
 
 
 def test_each_row_answers_as_its_adapter_alone(adapters):
@@ -34,7 +39,8 @@ def test_each_row_answers_as_its_adapter_alone(adapters):
     for name, (_, weights, scale) in adapters.items():
         slots[name] = bank.add(name, weights, scale, f"runs/{name}")
     assert sum(isinstance(m, MultiLoRALinear) for _, m in bank.model.named_modules()) == 14
-    for mix in (["a", "base", "b"], ["b", "b", "a"], ["a", "a", "a"], ["base"] * 3):
+    mixes = [["a", "base", "b"], ["b", "b", "a"], ["a"] * 3, ["base"] * 3, ["d", "a", "base"]]
+    for mix in [*mixes, ["d"] * 3, ["b", "d", "d"]]:
         bank.rows.set([slots[n] for n in mix])
         out = bank.model(X)
         for row, name in enumerate(mix):
@@ -71,9 +77,11 @@ def test_adapters_of_another_base_are_refused_naming_the_run(adapters):
             scale,
             "runs/odd",
         )
-    with pytest.raises(ModelError, match=r"runs/dora.*DoRA"):
+    with pytest.raises(ModelError, match=r"runs/moe.*mixture-of-experts"):
+        bank.add("moe", {**weights, key: mx.zeros((4, 4, 64))}, scale, "runs/moe")
+    with pytest.raises(ModelError, match=r"runs/dora.*another base"):
         bank.add(
-            "dora", {**weights, key.replace("lora_a", "m"): mx.ones((64,))}, scale, "runs/dora"
+            "dora", {**weights, key.replace("lora_a", "m"): mx.ones((32,))}, scale, "runs/dora"
         )
     assert bank.slots == {}  # all or nothing: no layer was touched
     assert not any(isinstance(m, MultiLoRALinear) for _, m in bank.model.named_modules())
