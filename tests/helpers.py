@@ -692,10 +692,12 @@ def fill_disk(folder: Path) -> Path:
 
 
 # from test_serve.py
-def write_lora_run(folder, base_dir, seed=1, rank=4, targets="all-linear", system=None, **model):
+def write_lora_run(
+    folder, base_dir, seed=1, rank=4, targets="all-linear", system=None, dora=False, **model
+):
     """A run folder (recipe.yaml, adapters.safetensors) with random non-zero adapters for the
     tiny model at base_dir, as training leaves it; no training needed."""
-    kw = {"rank": rank, "alpha": 2 * rank, "targets": targets}
+    kw = {"rank": rank, "alpha": 2 * rank, "targets": targets, "dora": dora}
     tiny = trained_lora(seed=seed, spread=0.5, base=build_tiny_model(**model), **kw)
     run = RunDir(Path(folder))
     recipe = {"model": {"path": str(base_dir)}, "lora": kw}

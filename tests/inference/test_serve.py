@@ -33,11 +33,13 @@ N = 10  # tokens per greedy answer
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
-    """A tiny base and two runs of it: net (rank 4, every linear) and sql (rank 8, attention)."""
+    """A tiny base and three runs of it: net (rank 4, every linear), sql (rank 8, attention)
+    and dora (DoRA, rank 4)."""
     root = tmp_path_factory.mktemp("serve")
     base = save_tiny_model_dir(root / "tiny")
     write_lora_run(root / "net", base, seed=1, rank=4, system="You are a network engineer.")
     write_lora_run(root / "sql", base, seed=2, rank=8, targets="attention")
+    write_lora_run(root / "dora", base, seed=3, dora=True)
     return root
 
 
@@ -56,7 +58,7 @@ def path_env(request):
 def chat_answers(root, path_env):
     """What `macft chat NAME --temp 0` answers each question: (token ids, text, prompt)."""
     answers = {}
-    for name in ("net", "sql", "tiny"):
+    for name in ("net", "sql", "dora", "tiny"):
         session = ChatSession(load_run_model(str(root / name)), temp=0, max_tokens=N)
         for q in QUESTIONS:
             session.reset()
@@ -68,7 +70,7 @@ def chat_answers(root, path_env):
 
 @pytest.fixture(scope="module")
 def server(root, path_env):
-    catalog, _ = open_catalog([str(root / "net"), str(root / "sql")], None)
+    catalog, _ = open_catalog([str(root / name) for name in ("net", "sql", "dora")], None)
     logs = []
     srv = make_server(catalog, "127.0.0.1", 0, None, logs.append)
     srv.logs = logs
@@ -110,7 +112,7 @@ def ask(name, q, **kw):
 
 def test_mixed_batches_answer_token_for_token_as_chat(server, chat_answers):
     engine, catalog = server.engine, server.catalog
-    for order in (["net", "sql", "tiny"], ["tiny", "net", "net", "sql", "tiny", "sql"]):
+    for order in (["net", "sql", "tiny"], ["tiny", "net", "dora", "sql", "tiny", "sql", "dora"]):
         jobs = []
         for i, name in enumerate(order):
             q = QUESTIONS[i % len(QUESTIONS)]
@@ -127,7 +129,7 @@ def test_mixed_batches_answer_token_for_token_as_chat(server, chat_answers):
 
 def test_openai_client_chat_and_completions(client, chat_answers):
     names = {m.id for m in client.models.list().data}
-    assert names == {"tiny", "net", "sql"}
+    assert names == {"tiny", "net", "sql", "dora"}
     q = QUESTIONS[0]
     r = client.chat.completions.create(**ask("net", q), temperature=0, max_tokens=N)
     assert r.choices[0].message.content == chat_answers["net", q][1]
@@ -258,7 +260,7 @@ def test_api_key_is_checked(server):
         assert raw(server, "GET", "/v1/models", headers={"Authorization": "Bearer nope"})[0] == 401
         assert raw(server, "GET", "/health")[0] == 200  # health says nothing about the models
         ok = openai.OpenAI(base_url=server.url + "/v1", api_key="s3cret", max_retries=0)
-        assert {m.id for m in ok.models.list().data} == {"tiny", "net", "sql"}
+        assert {m.id for m in ok.models.list().data} == {"tiny", "net", "sql", "dora"}
         bad = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
         with pytest.raises(openai.AuthenticationError):
             bad.chat.completions.create(**ask("net", "hi"), max_tokens=2)
