@@ -10,7 +10,13 @@ from macft.cli.options import computes, console
 @click.argument("runs", nargs=-1)
 @click.option("--model", "-m", help="The base (default: the one the first run trained on).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True)
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=8080,
+    show_default=True,
+    help="0: any free port.",
+)
 @click.option(
     "--api-key", envvar="MACFT_API_KEY", help="Answer only requests with this bearer key."
 )

@@ -14,6 +14,10 @@ from macft.runs.folder import RunDir
 from macft.runs.model import RunAdapters, load_run_base, read_adapters
 
 
+class NameTaken(MacftError):
+    """A model of that name is served already."""
+
+
 @dataclass
 class Served:
     name: str  # what requests put in "model"
@@ -95,7 +99,7 @@ class Catalog:
         name = name or run_name(path)
         with self.lock:
             if name in self.models:
-                raise MacftError(
+                raise NameTaken(
                     f"a model named {name!r} is already served; remove it first or rename the "
                     f"folder {path}"
                 )

@@ -13,7 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from macft.errors import MacftError
 from macft.inference.serve.api import Answer, ApiError, parse
-from macft.inference.serve.catalog import Catalog
+from macft.inference.serve.catalog import Catalog, NameTaken
 from macft.inference.serve.engine import Engine
 
 MAX_BODY = 16 * 1024 * 1024  # bytes; a larger request gets 413
@@ -135,7 +135,7 @@ class Handler(BaseHTTPRequestHandler):
         try:
             served = self.server.engine.call(lambda: catalog.add_run(path, name=name or None))
         except MacftError as e:
-            raise ApiError(409 if "already served" in str(e) else 400, str(e), "path") from None
+            raise ApiError(409 if isinstance(e, NameTaken) else 400, str(e), "path") from None
         self.server.log(f"added {served.name} from {served.source}")
         self._send(200, {"id": served.name, "object": "model", "created": served.created})
 
