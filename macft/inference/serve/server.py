@@ -8,7 +8,10 @@ with a 4xx, and a failing request never stops the server.
 
 import hmac
 import json
+import queue
+import select
 import socket
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from macft.errors import MacftError
@@ -168,10 +171,27 @@ class Handler(BaseHTTPRequestHandler):
         finally:
             job.cancel()  # done, failed or the client left: its row is freed
 
+    def _gone(self) -> bool:
+        """The client closed its connection (it sends nothing more after its request)."""
+        try:
+            ready, _, _ = select.select([self.connection], [], [], 0)
+            return bool(ready) and not self.connection.recv(1, socket.MSG_PEEK)
+        except OSError:
+            return True
+
     def _whole(self, job, answer: Answer) -> None:
-        text = []
+        text, checked = [], time.monotonic()
         while True:
-            kind, value = job.events.get()
+            try:
+                kind, value = job.events.get(timeout=0.25)
+            except queue.Empty:
+                kind = None
+            if time.monotonic() - checked > 0.25:  # a few checks a second, tokens or not
+                checked = time.monotonic()
+                if self._gone():
+                    return  # nobody to answer: _complete frees the row
+            if kind is None:
+                continue
             if kind == "text":
                 text.append(value)
             elif kind == "error":
