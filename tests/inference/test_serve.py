@@ -338,6 +338,9 @@ def test_runs_of_another_base_are_refused_naming_the_run(root, tmp_path, path_en
     assert result.exit_code == 1 and "--api-key" in result.output
     result = CliRunner().invoke(cli, ["serve", str(tmp_path / "nothing")])
     assert result.exit_code == 1 and "not a run folder" in result.output
+    shutil.copytree(root / "net", tmp_path / "twin" / "net")
+    result = CliRunner().invoke(cli, ["serve", str(root / "net"), str(tmp_path / "twin" / "net")])
+    assert result.exit_code == 1 and "two models would be served as net" in result.output
 
 
 def test_macft_serve_answers_curl_and_stops_on_ctrl_c(root, chat_answers):

@@ -49,6 +49,10 @@ def run_name(path: str) -> str:
     return Path(path).expanduser().resolve().name
 
 
+def base_name(path: str) -> str:
+    return Path(path).name or path
+
+
 def _read(path: str, model: str | None) -> RunAdapters:
     run = RunDir(Path(path).expanduser())
     if not run.path.is_dir() or not (run.holds_run() or run.config_path.is_file()):
@@ -73,8 +77,7 @@ class Catalog:
         self.explicit_base = explicit_base  # --model: runs' recipes need not name this base
         self.model, self.tokenizer = base.model, base.tokenizer
         self.bank = AdapterBank(base.model)
-        name = Path(base_path).name or base_path
-        self.base_name = name
+        name = self.base_name = base_name(base_path)
         self.models: dict[str, Served] = {name: Served(name, 0, None, base_path, int(time.time()))}
         self.lock = threading.Lock()  # add/remove against lookups from request threads
         # The Rust tokenizer may refuse two threads at once ("Already borrowed"): request
@@ -133,18 +136,18 @@ def open_catalog(runs: list[str], model: str | None) -> tuple[Catalog, list[str]
     if model is None:
         for path, ra in read[1:]:
             check_base(path, ra, base_path)  # before the base loads: fail fast
-    base = load_run_base(base_path, first.model_cfg if first else {}, first and first.origin)
-    # Read every weight now, not on the first request, so start-up reports the memory.
-    mx.eval(base.model.parameters())
-    base.model.eval()
-    catalog = Catalog(base, base_path, explicit_base=model is not None)
     names = [run_name(path) for path in runs]
-    twice = sorted({n for n in names if names.count(n) > 1 or n == catalog.base_name})
+    twice = sorted({n for n in names if names.count(n) > 1 or n == base_name(base_path)})
     if twice:
         raise MacftError(
             f"two models would be served as {', '.join(twice)}; each run is served under its "
             "folder's name, so give folders with different names"
         )
+    base = load_run_base(base_path, first.model_cfg if first else {}, first and first.origin)
+    # Read every weight now, not on the first request, so start-up reports the memory.
+    mx.eval(base.model.parameters())
+    base.model.eval()
+    catalog = Catalog(base, base_path, explicit_base=model is not None)
     for path, ra in read:
         catalog.add_run(path, ra)
     return catalog, [ra.note for _, ra in read if ra.note]
