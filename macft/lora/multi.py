@@ -129,8 +129,9 @@ class AdapterBank:
         self._layers[path] = layer
         return layer
 
-    def add(self, name: str, weights: dict, scale: float, who: str) -> int:
-        """Make adapter `name` resident (mlx-lm's tensor names); returns its slot."""
+    def check(self, weights: dict, who: str) -> dict[str, dict]:
+        """Every tensor checked against the base, touching no layer: module path -> its
+        lora_a, lora_b (and DoRA's m). Serve checks a run this way when it registers it."""
         pairs: dict[str, dict] = {}
         for key, value in weights.items():
             path, _, leaf = key.rpartition(".")
@@ -140,7 +141,6 @@ class AdapterBank:
                     "layers; mixture-of-experts adapters are not served yet)"
                 )
             pairs.setdefault(path, {})[leaf] = value
-        # Check every tensor against the base before touching a layer: all or nothing.
         for path, ab in pairs.items():
             layer = self._layers.get(path)
             linear = layer.linear if layer else dict(self.model.named_modules()).get(path)
@@ -162,6 +162,11 @@ class AdapterBank:
                     f"{who}: its adapter {path} is {a.shape[0]}x{b.shape[1]} but the base's "
                     f"layer is {in_dims}x{out_dims}; these adapters belong to another base"
                 )
+        return pairs
+
+    def add(self, name: str, weights: dict, scale: float, who: str) -> int:
+        """Make adapter `name` resident (mlx-lm's tensor names); returns its slot."""
+        pairs = self.check(weights, who)  # all or nothing: checked before any layer changes
         slot = next(i for i in range(1, len(self.slots) + 2) if i not in self.slots.values())
         for path, ab in pairs.items():
             self._layer(path, who).set_slot(slot, ab["lora_a"], ab["lora_b"], scale, ab.get("m"))
