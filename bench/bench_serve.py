@@ -124,7 +124,8 @@ def bench_macft(gguf: str, runs: list[Path], args) -> dict:
     catalog, _ = open_catalog([], gguf)
     base_bytes = mx.get_active_memory()
     for run in runs:
-        catalog.add_run(str(run))
+        served = catalog.add_run(str(run))
+        catalog.slot(served.name, set(), lambda line: None)  # loaded now, to measure them
     with_adapters = mx.get_active_memory()
     server = make_server(catalog, "127.0.0.1", 0, None, lambda line: None)
     thread = threading.Thread(target=server.serve_forever, daemon=True)

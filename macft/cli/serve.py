@@ -3,6 +3,7 @@
 import click
 
 from macft.cli.options import computes, console
+from macft.inference.serve import DEFAULT_MAX_ADAPTERS, parse_max_adapters
 
 
 @computes
@@ -20,7 +21,15 @@ from macft.cli.options import computes, console
 @click.option(
     "--api-key", envvar="MACFT_API_KEY", help="Answer only requests with this bearer key."
 )
-def command(runs, model, host, port, api_key):
+@click.option(
+    "--max-adapters",
+    default=str(DEFAULT_MAX_ADAPTERS),
+    show_default=True,
+    metavar="N",
+    help="Adapters loaded at once; each loads on its first request, the least recently "
+    "used one no request is using makes room.",
+)
+def command(runs, model, host, port, api_key, max_adapters):
     """Serve runs (and their base) behind an OpenAI-compatible API.
 
     Each run is served under its folder's name, the base under its own; a request's
@@ -33,4 +42,5 @@ def command(runs, model, host, port, api_key):
     """
     from macft.inference.serve.run import serve
 
-    serve(list(runs), model, host, port, api_key, console(stderr=True, highlight=False))
+    cap = parse_max_adapters(max_adapters)  # before minutes of loading
+    serve(list(runs), model, host, port, api_key, cap, console(stderr=True, highlight=False))

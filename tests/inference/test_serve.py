@@ -1,6 +1,7 @@
-"""macft serve on a tiny base with two runs: the real HTTP server on an ephemeral port, driven
+"""macft serve on a tiny base with three runs: the real HTTP server on an ephemeral port, driven
 by the openai client and curl; answers equal `macft chat --temp 0` whatever shares the batch;
-bad requests get 4xx and the server goes on; keys, adapters added and removed, Ctrl-C."""
+bad requests get 4xx and the server goes on; keys, adapters added and removed, Ctrl-C; with
+room for two adapters, they load on demand and the least recently used idle one is evicted."""
 
 import http.client
 import json
@@ -68,9 +69,9 @@ def chat_answers(root, path_env):
     return answers
 
 
-@pytest.fixture(scope="module")
-def server(root, path_env):
-    catalog, _ = open_catalog([str(root / name) for name in ("net", "sql", "dora")], None)
+def serving(root, **kw):
+    """The real server on the three runs, answering on a thread; its log lines in srv.logs."""
+    catalog, _ = open_catalog([str(root / name) for name in ("net", "sql", "dora")], None, **kw)
     logs = []
     srv = make_server(catalog, "127.0.0.1", 0, None, logs.append)
     srv.logs = logs
@@ -82,6 +83,16 @@ def server(root, path_env):
         srv.shutdown()
         srv.close()
         thread.join()
+
+
+@pytest.fixture(scope="module")
+def server(root, path_env):
+    yield from serving(root)
+
+
+@pytest.fixture(scope="module")
+def capped(root, path_env):
+    yield from serving(root, max_adapters=2)
 
 
 @pytest.fixture
@@ -117,7 +128,7 @@ def test_mixed_batches_answer_token_for_token_as_chat(server, chat_answers):
         for i, name in enumerate(order):
             q = QUESTIONS[i % len(QUESTIONS)]
             ids = catalog.tokenizer.encode(chat_answers[name, q][2], add_special_tokens=False)
-            jobs.append((name, q, Job(name, catalog.get(name).slot, ids, N, temp=0)))
+            jobs.append((name, q, Job(name, ids, N, temp=0)))
         # Queued from the worker itself, so all of them join one batch at the next step.
         engine.call(lambda jobs=jobs: [engine.submit(job) for _, _, job in jobs])
         for name, q, job in jobs:
@@ -300,7 +311,7 @@ def test_adapters_added_and_removed_while_serving(server, root, client, chat_ans
     assert raw(server, "POST", "/v1/adapters", json.dumps({"path": str(tmp_path / "x")}))[0] == 400
     assert raw(server, "POST", "/v1/adapters", b'{"path": 3}')[0] == 400
     # A long answer with net2 is under way when net2 goes: it ends with an error, not the base.
-    job = Job("net2", server.catalog.get("net2").slot, [5, 6, 7], 400, temp=0)
+    job = Job("net2", [5, 6, 7], 400, temp=0)
     server.engine.submit(job)
     assert job.events.get()[0] == "text"
     assert raw(server, "DELETE", "/v1/adapters/net2")[0] == 200
@@ -312,6 +323,81 @@ def test_adapters_added_and_removed_while_serving(server, root, client, chat_ans
     assert raw(server, "POST", "/v1/chat/completions", json.dumps(ask("net2", q)))[0] == 404
     r = client.chat.completions.create(**ask("net", q), temperature=0, max_tokens=N)
     assert r.choices[0].message.content == chat_answers["net", q][1]
+
+
+# --- adapters loaded on demand, at most two at once ---------------------------------------
+
+
+def answer(server, job: Job) -> Job:
+    """Submit a job and wait for its end (an error fails the test)."""
+    server.engine.submit(job)
+    while (event := job.events.get())[0] == "text":
+        pass
+    assert event[0] == "end", event
+    return job
+
+
+def chat_job(server, chat_answers, name, q, max_tokens=N) -> Job:
+    ids = server.catalog.tokenizer.encode(chat_answers[name, q][2], add_special_tokens=False)
+    return Job(name, ids, max_tokens, temp=0)
+
+
+def test_capped_server_loads_on_demand_and_evicts_the_least_recently_used(capped, chat_answers):
+    status, health = raw(capped, "GET", "/health")
+    assert status == 200 and health["resident"] == [] and health["max_adapters"] == 2
+    models = {m["id"] for m in raw(capped, "GET", "/v1/models")[1]["data"]}
+    assert models == {"tiny", "net", "sql", "dora"}  # served, none loaded yet
+    before = len(capped.logs)
+    order = ["net", "sql", "dora", "net", "tiny", "sql", "dora"]
+    for i, name in enumerate(order):
+        q = QUESTIONS[i % len(QUESTIONS)]
+        job = answer(capped, chat_job(capped, chat_answers, name, q))
+        assert job.tokens == chat_answers[name, q][0], (i, name, q)
+    logs = capped.logs[before:]
+    assert [x.split(" (")[0] for x in logs if x.startswith("loaded ")] == [
+        f"loaded {n}" for n in ["net", "sql", "dora", "net", "sql", "dora"]
+    ]
+    evicted = [x.split(" ")[1] for x in logs if x.startswith("evicted ")]
+    assert evicted == ["net", "sql", "dora", "net"]  # each time the least recently used
+    assert raw(capped, "GET", "/health")[1]["resident"] == ["sql", "dora"]
+    client = openai.OpenAI(base_url=capped.url + "/v1", api_key="unused", max_retries=0)
+    q = QUESTIONS[0]
+    r = client.chat.completions.create(**ask("net", q), temperature=0, max_tokens=N)
+    assert r.choices[0].message.content == chat_answers["net", q][1]
+
+
+def test_an_adapter_in_use_is_never_evicted(capped, chat_answers):
+    """net and sql answer at length; dora waits for one of them to end, then takes its slot."""
+    a = chat_job(capped, chat_answers, "net", QUESTIONS[0], 60)
+    b = chat_job(capped, chat_answers, "sql", QUESTIONS[1], 60)
+    c = chat_job(capped, chat_answers, "dora", QUESTIONS[2])
+    before = len(capped.logs)
+    engine = capped.engine
+    engine.call(lambda: [engine.submit(j) for j in (a, b, c)])  # one pass of the worker
+    first = c.events.get()
+    assert first[0] == "text" and (a.done or b.done)  # dora waited for a row to end
+    for job in (a, b, c):
+        while (event := job.events.get())[0] == "text":
+            pass
+        assert event[0] == "end", event
+    for job, name, q in ((a, "net", QUESTIONS[0]), (b, "sql", QUESTIONS[1])):
+        want = chat_answers[name, q][0]
+        assert job.tokens[: len(want)] == want, name  # its adapter stayed to the end
+    logs = capped.logs[before:]
+    evictions = [(i, x.split(" ")[1]) for i, x in enumerate(logs) if x.startswith("evicted ")]
+    taken = [(i, gone) for i, gone in evictions if gone in ("net", "sql")]
+    assert taken, logs  # dora's slot was net's or sql's
+    for i, gone in taken:
+        done = next(j for j, x in enumerate(logs) if x.startswith(f"{gone}: "))
+        assert done < i, logs  # evicted only once its request had ended
+    assert engine.busy == 0 and engine.waiting == 0
+
+
+def test_bad_max_adapters_is_a_one_line_error(root):
+    for value in ("0", "-2", "two"):
+        result = CliRunner().invoke(cli, ["serve", str(root / "net"), "--max-adapters", value])
+        assert result.exit_code == 1, result.output
+        assert result.output.strip().count("\n") == 0 and "--max-adapters" in result.output
 
 
 # --- what is served, from the command line -----------------------------------------------

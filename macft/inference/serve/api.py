@@ -123,7 +123,6 @@ def parse(body, catalog: Catalog, chat: bool, encode) -> tuple[Served, Job, bool
         limit = min(DEFAULT_MAX_TOKENS, ctx - len(ids)) if ctx else DEFAULT_MAX_TOKENS
     job = Job(
         name=name,
-        slot=served.slot,
         prompt=ids,
         max_tokens=limit,
         temp=float(_get(body, "temperature", (int, float), 1.0, lo=0, hi=2)),

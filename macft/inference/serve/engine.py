@@ -1,9 +1,11 @@
 """The generation worker: one thread owns MLX and runs every request in one continuous batch.
 
 Requests for different adapters (and the base) decode together: before each forward pass the
-worker tells the adapter bank which slot each row of the batch asks for. Prefill, caches,
-sampling and the EOS check are mlx-lm's continuous batching; this module adds the adapters,
-text stops, cancellation (a client gone frees its row) and one log line per request.
+worker tells the adapter bank which slot each row of the batch asks for. A request whose
+adapter is not loaded has the catalog load it (evicting one no running row uses); when every
+loaded one is in use it waits until a row ends. Prefill, caches, sampling and the EOS check are
+mlx-lm's continuous batching; this module adds the adapters, text stops, cancellation (a
+client gone frees its row) and one log line per request.
 """
 
 import functools
@@ -46,8 +48,7 @@ def job_sampler(temp: float, top_p: float, seed: int | None):
 class Job:
     """One request: what to generate, and the events its HTTP thread reads."""
 
-    name: str  # the model name asked for (for the log line)
-    slot: int  # the adapter bank's slot: 0 is the base
+    name: str  # the model name asked for: its adapters (or the base)
     prompt: list[int]
     max_tokens: int
     temp: float = 0.0
@@ -61,6 +62,7 @@ class Job:
     done: bool = False  # its end was sent
     tokens: list[int] = field(default_factory=list)  # the answer's token ids (no EOS)
     # the worker's state
+    slot: int = 0  # the adapter bank's slot (0: the base), once its adapters are loaded
     _text: str = ""  # all text generated so far
     _sent: int = 0  # how much of it the client has
     _detok: object = None
@@ -74,11 +76,13 @@ class Engine:
     """Owns the model; `submit` queues a Job, the worker batches and answers it."""
 
     def __init__(self, catalog, log=print, max_batch: int = 16):
+        self.catalog = catalog
         self.model, self.tokenizer, self.bank = catalog.model, catalog.tokenizer, catalog.bank
         self.tokenizer_lock, self.log = catalog.tokenizer_lock, log
         self.max_batch = max_batch
         self._queue: queue.Queue[Job] = queue.Queue()
         self._jobs: dict[int, Job] = {}  # uid -> job, for the rows of the running batch
+        self._waiting: list[Job] = []  # taken from the queue, not yet a row (in order)
         self._batch = None
         self._uid = 0
         self.widest = 0  # the most rows one step has run (the batching at work)
@@ -98,6 +102,10 @@ class Engine:
     def busy(self) -> int:
         return len(self._jobs)
 
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting) + self._queue.qsize()
+
     def submit(self, job: Job) -> Job:
         self._queue.put(job)
         return job
@@ -111,18 +119,16 @@ class Engine:
             raise value
         return value
 
-    def evict(self, slot: int, why: str) -> None:
-        """Fail every request for `slot`, running or queued (on the worker: see call)."""
-        queued = []
+    def evict(self, name: str, why: str) -> None:
+        """Fail every request for model `name`, running or queued (on the worker: see call)."""
         while not self._queue.empty():
-            queued.append(self._queue.get_nowait())
-        for job in queued:
-            if job.slot == slot:
+            self._waiting.append(self._queue.get_nowait())
+        for job in self._waiting:
+            if job.name == name:
                 job.done = True
                 job.events.put(("error", why))
-            else:
-                self._queue.put(job)
-        doomed = [u for u, j in self._jobs.items() if j.slot == slot]
+        self._waiting = [j for j in self._waiting if j.name != name]
+        doomed = [u for u, j in self._jobs.items() if j.name == name]
         for u in doomed:
             self._jobs[u].done = True
             self._jobs[u].events.put(("error", why))
@@ -143,13 +149,14 @@ class Engine:
         while not self._stop.is_set():
             try:
                 self._calls_pending()
-                if not self._jobs:
+                if not self._jobs and not self._waiting:
                     try:
-                        self._admit(self._queue.get(timeout=0.05))
+                        self._waiting.append(self._queue.get(timeout=0.05))
                     except queue.Empty:
                         continue
-                while len(self._jobs) < self.max_batch and not self._queue.empty():
-                    self._admit(self._queue.get_nowait())
+                while not self._queue.empty():
+                    self._waiting.append(self._queue.get_nowait())
+                self._admit_waiting()
                 self._drop([u for u, j in self._jobs.items() if j.cancelled])
                 if self._jobs:
                     self._step()
@@ -166,9 +173,32 @@ class Engine:
             except Exception as e:
                 done.put((False, e))
 
+    def _admit_waiting(self) -> None:
+        """Make rows of the waiting requests that fit the batch and whose adapters are loaded
+        or can be; the others wait, in order, for a row to end."""
+        in_use = {j.name for j in self._jobs.values()}  # adapters no eviction may take
+        still = []
+        for job in self._waiting:
+            if job.cancelled:
+                continue
+            if len(self._jobs) >= self.max_batch:
+                still.append(job)
+                continue
+            try:
+                slot = self.catalog.slot(job.name, in_use, self.log)
+            except Exception as e:  # e.g. the run's folder is gone: this request fails
+                job.done = True
+                job.events.put(("error", f"cannot load {job.name}: {e}"))
+                continue
+            if slot is None:
+                still.append(job)
+                continue
+            job.slot = slot
+            self._admit(job)
+            in_use.add(job.name)
+        self._waiting = still
+
     def _admit(self, job: Job) -> None:
-        if job.cancelled:
-            return
         uid, self._uid = self._uid, self._uid + 1
         job._detok, job._start = self.tokenizer.detokenizer, time.perf_counter()
         sampler = job_sampler(job.temp, job.top_p, job.seed)

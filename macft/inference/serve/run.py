@@ -12,14 +12,16 @@ from macft.inference.serve.catalog import open_catalog
 from macft.inference.serve.server import check_host, make_server
 
 
-def serve(runs: list[str], model, host: str, port: int, api_key, info: Console) -> None:
+def serve(
+    runs: list[str], model, host: str, port: int, api_key, max_adapters: int, info: Console
+) -> None:
     def log(line: str) -> None:
         info.print(f"[dim]{datetime.now():%H:%M:%S}[/] {escape(line)}")
 
     check_host(host, api_key)  # before minutes of loading
     device.reset_peak_memory()
     with info.status(f"loading {escape(', '.join(runs) or str(model))} ..."):
-        catalog, notes = open_catalog(runs, model)
+        catalog, notes = open_catalog(runs, model, max_adapters)
     server = make_server(catalog, host, port, api_key, log)
     for note in notes:
         info.print(f"[yellow]note:[/] {escape(note)}")
@@ -28,8 +30,13 @@ def serve(runs: list[str], model, host: str, port: int, api_key, info: Console) 
         f"peak memory {device.peak_memory_gb():.2f} GB"
     )
     for s in catalog.names():
-        what = "the base" if s.slot == 0 else escape(s.source)
+        what = "the base" if s.path is None else escape(s.source)
         info.print(f"  [bold]{escape(s.name)}[/]  {what}")
+    if len(catalog.names()) - 1 > catalog.max_adapters:
+        info.print(
+            f"at most {catalog.max_adapters} adapters loaded at once (--max-adapters); "
+            "the least recently used makes room"
+        )
     key = "  (bearer key required)" if api_key else ""
     info.print(f"OpenAI-compatible API at [bold]{server.url}/v1[/]{key}; Ctrl-C stops")
     # A parent that ignored SIGINT (C's system()) would leave Ctrl-C without effect.

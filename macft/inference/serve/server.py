@@ -92,7 +92,7 @@ class Handler(BaseHTTPRequestHandler):
         try:
             path = self.path.split("?", 1)[0].rstrip("/")
             if path == "/health" and method == "GET":
-                self._send(200, {"status": "ok", "running": self.server.engine.busy})
+                self._send(200, self._health())
                 return
             if not self._authorized():
                 raise ApiError(401, "a valid API key is needed: Authorization: Bearer KEY")
@@ -122,6 +122,16 @@ class Handler(BaseHTTPRequestHandler):
 
     # --- routes --------------------------------------------------------------------------
 
+    def _health(self) -> dict:
+        engine, catalog = self.server.engine, self.server.catalog
+        return {
+            "status": "ok",
+            "running": engine.busy,
+            "waiting": engine.waiting,
+            "resident": catalog.resident_names(),  # least recently used first
+            "max_adapters": catalog.max_adapters,
+        }
+
     def _models(self) -> dict:
         models = [
             {"id": s.name, "object": "model", "created": s.created, "owned_by": "macft"}
@@ -150,7 +160,7 @@ class Handler(BaseHTTPRequestHandler):
 
         def remove():
             catalog.remove(name)  # refuses the base before any request is failed
-            engine.evict(served.slot, f"model {name} was removed while answering")
+            engine.evict(name, f"model {name} was removed while answering")
 
         try:
             engine.call(remove)
