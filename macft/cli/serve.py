@@ -27,7 +27,7 @@ from macft.inference.serve import DEFAULT_MAX_ADAPTERS, parse_max_adapters
     show_default=True,
     metavar="N",
     help="Adapters loaded at once; each loads on its first request, the least recently "
-    "used one no request is using makes room.",
+    "used one no request is using makes room (if all are in use, the request waits).",
 )
 def command(runs, model, host, port, api_key, max_adapters):
     """Serve runs (and their base) behind an OpenAI-compatible API.
