@@ -393,6 +393,21 @@ def test_an_adapter_in_use_is_never_evicted(capped, chat_answers):
     assert engine.busy == 0 and engine.waiting == 0
 
 
+def test_a_run_gone_before_its_first_request_fails_that_request_only(
+    capped, root, tmp_path, chat_answers
+):
+    copy = tmp_path / "gone"
+    shutil.copytree(root / "sql", copy)
+    assert raw(capped, "POST", "/v1/adapters", json.dumps({"path": str(copy)}))[0] == 200
+    assert "gone" not in raw(capped, "GET", "/health")[1]["resident"]  # served, not loaded
+    shutil.rmtree(copy)
+    status, body = raw(capped, "POST", "/v1/chat/completions", json.dumps(ask("gone", "hi")))
+    assert status == 500 and "cannot load gone" in body["error"]["message"], body
+    job = answer(capped, chat_job(capped, chat_answers, "sql", QUESTIONS[0]))
+    assert job.tokens == chat_answers["sql", QUESTIONS[0]][0]
+    assert raw(capped, "DELETE", "/v1/adapters/gone")[0] == 200
+
+
 def test_bad_max_adapters_is_a_one_line_error(root):
     for value in ("0", "-2", "two"):
         result = CliRunner().invoke(cli, ["serve", str(root / "net"), "--max-adapters", value])
