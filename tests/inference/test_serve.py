@@ -344,21 +344,29 @@ def chat_job(server, chat_answers, name, q, max_tokens=N) -> Job:
 
 def test_capped_server_loads_on_demand_and_evicts_the_least_recently_used(capped, chat_answers):
     status, health = raw(capped, "GET", "/health")
-    assert status == 200 and health["resident"] == [] and health["max_adapters"] == 2
+    assert status == 200 and health["max_adapters"] == 2
     models = {m["id"] for m in raw(capped, "GET", "/v1/models")[1]["data"]}
-    assert models == {"tiny", "net", "sql", "dora"}  # served, none loaded yet
-    before = len(capped.logs)
+    assert models == {"tiny", "net", "sql", "dora"}  # all served, at most two loaded
     order = ["net", "sql", "dora", "net", "tiny", "sql", "dora"]
+    # What an LRU cache of two does from whatever earlier tests left loaded.
+    resident, loads, evictions = list(health["resident"]), [], []
+    for name in order:
+        if name in resident or name == "tiny":
+            resident = [n for n in resident if n != name] + [name] * (name != "tiny")
+            continue
+        if len(resident) == 2:
+            evictions.append(resident.pop(0))
+        resident.append(name)
+        loads.append(name)
+    before = len(capped.logs)
     for i, name in enumerate(order):
         q = QUESTIONS[i % len(QUESTIONS)]
         job = answer(capped, chat_job(capped, chat_answers, name, q))
         assert job.tokens == chat_answers[name, q][0], (i, name, q)
     logs = capped.logs[before:]
-    assert [x.split(" (")[0] for x in logs if x.startswith("loaded ")] == [
-        f"loaded {n}" for n in ["net", "sql", "dora", "net", "sql", "dora"]
-    ]
-    evicted = [x.split(" ")[1] for x in logs if x.startswith("evicted ")]
-    assert evicted == ["net", "sql", "dora", "net"]  # each time the least recently used
+    assert [x.split(" ")[1] for x in logs if x.startswith("loaded ")] == loads
+    assert [x.split(" ")[1] for x in logs if x.startswith("evicted ")] == evictions
+    assert len(evictions) >= 4  # each time the least recently used
     assert raw(capped, "GET", "/health")[1]["resident"] == ["sql", "dora"]
     client = openai.OpenAI(base_url=capped.url + "/v1", api_key="unused", max_retries=0)
     q = QUESTIONS[0]
