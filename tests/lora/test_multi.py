@@ -83,5 +83,6 @@ def test_adapters_of_another_base_are_refused_naming_the_run(adapters):
         bank.add(
             "dora", {**weights, key.replace("lora_a", "m"): mx.ones((32,))}, scale, "runs/dora"
         )
-    assert bank.slots == {}  # all or nothing: no layer was touched
+    assert set(bank.check(weights, "runs/a")) == {k.rpartition(".")[0] for k in weights}
+    assert bank.slots == {}  # all or nothing, and check alone loads nothing: no layer touched
     assert not any(isinstance(m, MultiLoRALinear) for _, m in bank.model.named_modules())

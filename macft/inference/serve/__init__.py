@@ -1,5 +1,5 @@
-"""`macft serve`: one base in memory, every run's adapters resident on it, an OpenAI-compatible
-API that picks the adapter per request: catalog (what is served), engine (the generation
+"""`macft serve`: one base in memory, runs' adapters loaded on it as requests ask for them (up
+to a cap), an OpenAI-compatible API that picks the adapter per request: catalog (what is served), engine (the generation
 worker and its continuous batch), api (OpenAI's requests and answers), server (HTTP)."""
 
 from macft.errors import MacftError
