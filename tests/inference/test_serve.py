@@ -455,6 +455,7 @@ def test_runs_of_another_base_are_refused_naming_the_run(root, tmp_path, path_en
 def test_macft_serve_answers_curl_and_stops_on_ctrl_c(root, chat_answers):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "macft", "serve", str(root / "net"), "--port", "0"]
+    cmd += ["--max-adapters", "1"]
     proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
     try:
         lines = []
@@ -477,4 +478,5 @@ def test_macft_serve_answers_curl_and_stops_on_ctrl_c(root, chat_answers):
         if proc.poll() is None:
             proc.kill()
     assert "net: " in rest and "tokens/s" in rest  # the request's log line
+    assert "loaded net (1 of at most 1 resident)" in rest  # on its first request
     assert "stopped." in rest and "Traceback" not in rest
