@@ -220,10 +220,10 @@ def counting_examples(n=6, seed=0, prompt=3):
     return out
 
 
-def lora_model(dropout=0.0, seed=0, **kw):
-    model = build_tiny_model()
+def lora_model(dropout=0.0, seed=0, base=None, **kw):
+    model = base or build_tiny_model()
     mx.random.seed(seed)  # the lora_a init
-    info = apply_lora(model, LoraConfig(rank=4, alpha=8, dropout=dropout, **kw))
+    info = apply_lora(model, LoraConfig(**{"rank": 4, "alpha": 8, "dropout": dropout, **kw}))
     return model, info
 
 
@@ -240,13 +240,13 @@ def weights_close(a: dict, b: dict, atol):
 
 
 # from test_packing.py
-def trained_lora(dropout=0.0, **kw):
+def trained_lora(dropout=0.0, seed=0, spread=0.3, **kw):
     """A LoRA model whose adapters are not zero, so their gradients all matter."""
-    model, _ = lora_model(dropout=dropout, **kw)
-    rng = np.random.default_rng(0)
+    model, _ = lora_model(dropout=dropout, seed=seed, **kw)
+    rng = np.random.default_rng(seed)
     for _, m in model.named_modules():
         if hasattr(m, "lora_b"):
-            m.lora_b = mx.array(rng.normal(0, 0.3, m.lora_b.shape).astype(np.float32))
+            m.lora_b = mx.array(rng.normal(0, spread, m.lora_b.shape).astype(np.float32))
     return model
 
 
@@ -689,3 +689,20 @@ def fill_disk(folder: Path) -> Path:
     finally:
         os.close(fd)
     return filler
+
+
+# from test_serve.py
+def write_lora_run(
+    folder, base_dir, seed=1, rank=4, targets="all-linear", system=None, dora=False, **model
+):
+    """A run folder (recipe.yaml, adapters.safetensors) with random non-zero adapters for the
+    tiny model at base_dir, as training leaves it; no training needed."""
+    kw = {"rank": rank, "alpha": 2 * rank, "targets": targets, "dora": dora}
+    tiny = trained_lora(seed=seed, spread=0.5, base=build_tiny_model(**model), **kw)
+    run = RunDir(Path(folder))
+    recipe = {"model": {"path": str(base_dir)}, "lora": kw}
+    if system:
+        recipe["data"] = {"system": system}
+    run.create(recipe)
+    mx.save_safetensors(str(run.adapters_path), dict(tree_flatten(tiny.trainable_parameters())))
+    return run.path

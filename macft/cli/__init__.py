@@ -11,7 +11,7 @@ import sys
 import click
 
 from macft import __version__
-from macft.cli import chat, eval, fuse, models, plan, recipes, report, runs, train
+from macft.cli import chat, eval, fuse, models, plan, recipes, report, runs, serve, train
 from macft.cli.options import no_color_option
 from macft.errors import MacftError
 
@@ -36,7 +36,7 @@ def cli():
     """Fine-tune open LLMs with LoRA on a 4-bit base, on your Mac."""
 
 
-for module in (train, chat, fuse, eval, report, runs, models, recipes, plan):
+for module in (train, chat, serve, fuse, eval, report, runs, models, recipes, plan):
     cli.add_command(no_color_option(module.command))
 
 

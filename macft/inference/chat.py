@@ -25,6 +25,20 @@ def as_text(text: str) -> str:
         return text.encode("utf-8", "replace").decode("utf-8")
 
 
+def render_conversation(tok, msgs: list[dict], hint: str = "(/system none)") -> str:
+    """Messages through the model's chat template, ready for the assistant's answer."""
+    if not has_chat_template(tok):
+        # No template: the text is what training saw for prompt/completion data, concatenated.
+        return "".join(m["content"] for m in msgs)
+    try:
+        return tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+    except Exception as e:  # e.g. a template that rejects system messages
+        raise MacftError(
+            f"the model's chat template rejects this conversation ({e}); "
+            f"try without a system prompt {hint}"
+        ) from None
+
+
 @dataclass
 class Side:
     name: str  # "base" or "fine-tune"
@@ -74,18 +88,7 @@ class ChatSession:
 
     def render(self, side: Side, user: str) -> str:
         """The prompt text: the whole conversation through the chat template, ready to answer."""
-        tok = self.cm.tokenizer
-        msgs = self.conversation(side, user)
-        if not has_chat_template(tok):
-            # No template: the text is what training saw for prompt/completion data, concatenated.
-            return "".join(m["content"] for m in msgs)
-        try:
-            return tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-        except Exception as e:  # e.g. a template that rejects system messages
-            raise MacftError(
-                f"the model's chat template rejects this conversation ({e}); "
-                "try without a system prompt (/system none)"
-            ) from None
+        return render_conversation(self.cm.tokenizer, self.conversation(side, user))
 
     def stream(self, side: Side, user: str):
         """Yield mlx-lm GenerationResponses; the exchange joins the history only when complete."""

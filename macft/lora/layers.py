@@ -19,6 +19,27 @@ def linear_dims(linear: nn.Module) -> tuple[int, int]:
     return in_dims, out_dims
 
 
+def base_no_bias(lin: nn.Module, x: mx.array) -> mx.array:
+    """x @ W^T of a float or quantized linear, without its bias (DoRA rescales before it)."""
+    if isinstance(lin, nn.QuantizedLinear):
+        return mx.quantized_matmul(
+            x,
+            lin.weight,
+            lin.scales,
+            lin.get("biases"),
+            transpose=True,
+            group_size=lin.group_size,
+            bits=lin.bits,
+            mode=lin.mode,
+        )
+    return x @ lin.weight.T
+
+
+def dora_norm(lin: nn.Module, lora_a: mx.array, lora_b: mx.array, scale: float) -> mx.array:
+    """The norm of each row of W + scale * (A @ B)^T: DoRA divides its magnitudes by it."""
+    return mx.linalg.norm(float_weight(lin) + (scale * lora_b.T) @ lora_a.T, axis=1)
+
+
 class LoRALinear(nn.Module):
     """y = base(x) + scale * dropout(x) @ lora_a @ lora_b; with dora, rows rescaled to norm m.
 
@@ -42,31 +63,14 @@ class LoRALinear(nn.Module):
             # DoRA's magnitude: the row norms of W, so that at init the output equals the base.
             self.m = mx.linalg.norm(float_weight(linear), axis=1)
 
-    def _base_no_bias(self, x: mx.array) -> mx.array:
-        lin = self.linear
-        if isinstance(lin, nn.QuantizedLinear):
-            return mx.quantized_matmul(
-                x,
-                lin.weight,
-                lin.scales,
-                lin.get("biases"),
-                transpose=True,
-                group_size=lin.group_size,
-                bits=lin.bits,
-                mode=lin.mode,
-            )
-        return x @ lin.weight.T
-
     def __call__(self, x: mx.array) -> mx.array:
         z = (self.dropout(x) @ self.lora_a) @ self.lora_b
         if not self.dora:
             return self.linear(x) + (self.scale * z).astype(x.dtype)
-        out = self._base_no_bias(x) + (self.scale * z).astype(x.dtype)
+        out = base_no_bias(self.linear, x) + (self.scale * z).astype(x.dtype)
         # Norm of each row of W + scale * (A @ B)^T; no gradient through it, as in DoRA's paper
         # and mlx-lm (it saves memory and keeps the update stable).
-        w = float_weight(self.linear)
-        adapted = w + (self.scale * self.lora_b.T) @ self.lora_a.T
-        denom = mx.stop_gradient(mx.linalg.norm(adapted, axis=1))
+        denom = mx.stop_gradient(dora_norm(self.linear, self.lora_a, self.lora_b, self.scale))
         out = (self.m / denom).astype(x.dtype) * out
         if "bias" in self.linear:
             out = out + self.linear.bias

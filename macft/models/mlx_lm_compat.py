@@ -7,6 +7,7 @@ from pathlib import Path
 
 import mlx.nn as nn
 from mlx_lm import utils as _utils
+from mlx_lm.generate import GenerationBatch, PromptProcessingBatch, StopSequences
 from mlx_lm.models import activations as _activations
 from mlx_lm.models import base as _base
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
@@ -21,11 +22,13 @@ __all__ = [
     "QuantizedSwitchLinear",
     "SwitchLinear",
     "TokenizerWrapper",
+    "GenerationBatch",
     "build_model",
     "load_quantized_folder",
     "load_folder_tokenizer",
     "model_classes",
     "model_functions",
+    "start_generation",
     "wrap_tokenizer",
 ]
 
@@ -60,6 +63,22 @@ def wrap_tokenizer(hf_tokenizer, detokenizer: str | None, eos_token_ids=None) ->
     """Wrap an HF tokenizer with the streaming detokenizer that matches its decoder."""
     cls = _DETOKENIZERS.get(detokenizer, NaiveStreamingDetokenizer)
     return TokenizerWrapper(hf_tokenizer, cls, eos_token_ids=eos_token_ids)
+
+
+def start_generation(model, uid: int, prompt: list[int], sampler, stop_ids, max_tokens: int, cache):
+    """One prompt prefilled into `cache` (mlx-lm's continuous batching), as a GenerationBatch
+    of one row whose first token is already being computed; running.extend(it) joins a batch."""
+    stops = StopSequences([[t] for t in stop_ids])
+    batch = PromptProcessingBatch(
+        model,
+        [uid],
+        [cache],
+        samplers=[sampler],
+        logits_processors=[()],
+        stop_sequences=[stops],
+        max_tokens=[max_tokens],
+    )
+    return batch.generate([prompt])
 
 
 # Functions mlx-lm's model modules import by name; model_functions can swap these.

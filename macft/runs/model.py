@@ -91,7 +91,7 @@ def _lora_settings(run: RunDir) -> tuple[dict, dict, str]:
     return {}, lora, str(run.config_path)
 
 
-def _load_base(path: str, model_cfg: dict, origin: str | None):
+def load_run_base(path: str, model_cfg: dict, origin: str | None):
     kw = {k: model_cfg[k] for k in ("bits", "group_size", "compute") if k in model_cfg}
     try:
         return load_base(path, **kw)
@@ -121,7 +121,7 @@ def load_run_model(
     p = Path(target).expanduser()
     run = RunDir(p)
     if p.is_dir() and (run.holds_run() or run.config_path.is_file()):
-        return _load_run(run, model, checkpoint, base_loader or _load_base)
+        return _load_run(run, model, checkpoint, base_loader or load_run_base)
     if checkpoint is not None:
         raise RunError(f"--checkpoint needs a run folder; {target} is not one")
     if model is not None:
@@ -148,15 +148,30 @@ def load_run_model(
     return RunModel(base.model, base.tokenizer, str(target), config=base.config, source=base.source)
 
 
-def _load_run(run: RunDir, model: str | None, checkpoint: str | None, loader) -> RunModel:
+@dataclass
+class RunAdapters:
+    """A run's adapters read from disk, before any base: what serve stacks on one shared base."""
+
+    run: RunDir
+    path: Path  # the adapters.safetensors file
+    weights: dict  # mlx-lm's names (model.layers.N.<key>.lora_a ...) -> tensors
+    lora: dict  # LoraConfig keyword arguments
+    model_cfg: dict  # the recipe's model section ({} for mlx-lm adapter folders)
+    base_path: str | None  # --model, else the recipe's model.path
+    origin: str | None  # the file that named the base (None when --model did)
+    system: str | None  # the run's data.system
+    note: str | None  # e.g. an unfinished run's latest checkpoint was taken
+
+    @property
+    def scale(self) -> float:
+        return LoraConfig(**self.lora).alpha / self.lora["rank"]
+
+
+def read_adapters(run: RunDir, model: str | None, checkpoint: str | None) -> RunAdapters:
+    """A run folder's adapter tensors and LoRA settings, checked against each other."""
     adapters, note = pick_adapters(run, checkpoint)
     model_cfg, lora_kw, origin = _lora_settings(run)
     base_path = model or model_cfg.get("path")
-    if not base_path:
-        raise RunError(
-            f"{run.path}: no recipe.yaml says which base these adapters belong to; "
-            f"name it: macft chat {run.path} --model PATH"
-        )
     try:
         weights = mx.load(str(adapters))
     except (OSError, ValueError, RuntimeError) as e:
@@ -180,7 +195,20 @@ def _load_run(run: RunDir, model: str | None, checkpoint: str | None, loader) ->
             f"{adapters} holds rank-{'/'.join(map(str, ranks))} adapters but {origin} says "
             f"{key} {lora_kw.get('rank')}; set {key} to the rank they were trained with"
         )
-    base = loader(base_path, model_cfg, None if model else origin)
+    system = (run.recipe().get("data") or {}).get("system") if run.recipe_path.is_file() else None
+    origin = None if model else origin
+    return RunAdapters(run, adapters, weights, lora_kw, model_cfg, base_path, origin, system, note)
+
+
+def _load_run(run: RunDir, model: str | None, checkpoint: str | None, loader) -> RunModel:
+    ra = read_adapters(run, model, checkpoint)
+    if not ra.base_path:
+        raise RunError(
+            f"{run.path}: no recipe.yaml says which base these adapters belong to; "
+            f"name it: macft chat {run.path} --model PATH"
+        )
+    base_path, adapters, lora_kw = ra.base_path, ra.path, ra.lora
+    base = loader(base_path, ra.model_cfg, ra.origin)
     depth = len(getattr(base.model, "layers", None) or [])
     if isinstance(lora_kw.get("layers"), int) and lora_kw["layers"] > depth:
         lora_kw["layers"] = "all"  # mlx-lm's num_layers may exceed the model's depth
@@ -189,7 +217,7 @@ def _load_run(run: RunDir, model: str | None, checkpoint: str | None, loader) ->
     except MacftError as e:
         raise ModelError(f"{adapters} does not fit the base {base_path}: {e}") from None
     try:
-        load_adapter_weights(base.model, weights)
+        load_adapter_weights(base.model, ra.weights)
     except ModelError:
         raise ModelError(
             f"{adapters} does not fit the base {base_path} (tensor names or shapes differ); "
@@ -198,14 +226,13 @@ def _load_run(run: RunDir, model: str | None, checkpoint: str | None, loader) ->
         ) from None
     mx.eval(base.model.trainable_parameters())  # the adapters; a lazy base stays unread
     base.model.eval()  # no LoRA dropout while generating
-    system = (run.recipe().get("data") or {}).get("system") if run.recipe_path.is_file() else None
     return RunModel(
         base.model,
         base.tokenizer,
         base_path,
         adapters,
-        system,
-        [note] if note else [],
+        ra.system,
+        [ra.note] if ra.note else [],
         base.config,
         base.source,
     )

@@ -97,14 +97,14 @@ def test_missing_model_and_data(tmp_path):
 
 
 def test_only_commands_that_compute_set_up_the_process(monkeypatch, tmp_path):
-    """OpenBLAS's restart and the kernel wrapper are for train, chat, eval and fuse alone."""
+    """OpenBLAS's restart and the kernel wrapper are for train, chat, serve, eval and fuse alone."""
     import sys
 
     from macft import cli as cli_package
     from macft.cpu import process
 
     computing = {name for name, c in cli.commands.items() if getattr(c, "computes", False)}
-    assert computing == {"train", "chat", "eval", "fuse"}
+    assert computing == {"train", "chat", "serve", "eval", "fuse"}
     calls = []
     monkeypatch.setattr(process, "prepare", lambda: calls.append(sys.argv[1]))
     for argv, prepared in ((["runs", "--json", str(tmp_path)], []), (["--version"], [])):
