@@ -152,7 +152,8 @@ def _cut_pair(pair: Pair, max_seq_length: int, counts) -> Pair:
     return Pair(*sides)
 
 
-def _prepare_pairs(records, tokenizer, max_seq_length, system, counts) -> list[Pair]:
+def prepare_pairs(records, tokenizer, max_seq_length, system, counts) -> list[Pair]:
+    """Pairs encoded and cut, from [(file, line, record)]; errors name the file and line."""
     out = []
     for file, line, rec in records:
         try:
@@ -166,7 +167,7 @@ def _prepare_pairs(records, tokenizer, max_seq_length, system, counts) -> list[P
 def _prepare(records, fmt, tokenizer, max_seq_length, system, counts) -> list[Example]:
     """Tokenized, masked and cut examples; an example with nothing left to learn is dropped."""
     if fmt == "preference":
-        return _prepare_pairs(records, tokenizer, max_seq_length, system, counts)
+        return prepare_pairs(records, tokenizer, max_seq_length, system, counts)
     out = []
     for file, line, rec in records:
         try:
