@@ -22,7 +22,7 @@ class DataReport:
     n_dropped: int  # examples with no target token left after truncation
     train_tokens: int
     train_target_tokens: int
-    lengths: list[int]  # per train example, after truncation (a memory planner reads these)
+    lengths: list[int]  # per train row, after truncation (a memory planner reads these)
     sources: dict  # {"train": path, "valid": path or "held out from <file>: N lines" or "none"}
 
 
@@ -231,14 +231,18 @@ def load_data(
     valid_set = _prepare(valid_records, *args)
     if valid_records and not valid_set:  # training would go on with no validation at all
         raise _too_long(valid_file or train_file, "validation", max_seq_length, counts["longest"])
-    lengths = [example_tokens(ex) for ex in train_set]
+    # a pair's two answers are rows of their own: the planner counts the longer one, twice
+    lengths = [
+        max(len(ex.chosen.ids), len(ex.rejected.ids)) if isinstance(ex, Pair) else len(ex.ids)
+        for ex in train_set
+    ]
     report = DataReport(
         format=fmt,
         n_train=len(train_set),
         n_valid=len(valid_set),
         n_truncated=counts["truncated"],
         n_dropped=counts["dropped"],
-        train_tokens=sum(lengths),
+        train_tokens=sum(example_tokens(ex) for ex in train_set),
         train_target_tokens=int(sum(_targets(ex) for ex in train_set)),
         lengths=lengths,
         sources={"train": str(train_file), "valid": valid_source},

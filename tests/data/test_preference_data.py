@@ -58,7 +58,8 @@ def test_pair_masks_cover_the_answer_only(tmp_path, tiny_tokenizer, record):
     assert pair.chosen.ids[:start].tolist() == pair.rejected.ids[:start].tolist()
     prompt = tiny_tokenizer.decode(pair.chosen.ids[:start].tolist())
     assert "Capital of France?" in prompt and prompt.endswith("<|im_start|>assistant\n")
-    assert rep.lengths == [len(pair.chosen.ids) + len(pair.rejected.ids)]
+    assert rep.lengths == [max(len(pair.chosen.ids), len(pair.rejected.ids))]  # one row
+    assert rep.train_tokens == len(pair.chosen.ids) + len(pair.rejected.ids)
     assert pair.ref is None  # no reference until training meets the pair
 
 

@@ -18,11 +18,13 @@ from helpers import (
 )
 from mlx.utils import tree_flatten
 
+from macft.config.recipes import load_recipe
 from macft.data.batches import make_batch
-from macft.errors import DataError
+from macft.errors import DataError, RecipeError
 from macft.lora.apply import adapter_weights, lora_disabled
 from macft.runs.folder import RunDir
 from macft.train.loop import train
+from macft.train.plan import setup_for
 from macft.train.preference import Reference, pair_losses, preference_loss, row_logps
 from macft.train.step import accumulate
 
@@ -181,3 +183,17 @@ def test_method_and_data_must_match(tmp_path):
     model, info = lora_model()
     with pytest.raises(DataError, match="train.method is sft"):
         train(model, counting_pairs(2), [], train_config(iters=1), new_run(tmp_path), PAD)
+
+
+def test_memory_plan_counts_both_rows_of_a_pair():
+    sft, _ = load_recipe("smollm2-135m-wikisql")
+    dpo, _ = load_recipe("smollm2-135m-wikisql-dpo")
+    a = setup_for(sft, 256, "float32", on_mac=False)
+    b = setup_for(dpo, 256, "float32", on_mac=False)
+    assert sft["train"]["batch_size"] == dpo["train"]["batch_size"] == a.batch_size == 4
+    assert b.batch_size == 8
+
+
+def test_moe_aux_loss_is_refused_with_preference_methods():
+    with pytest.raises(RecipeError, match="train.moe_aux_loss: not with train.method: orpo"):
+        load_recipe("smollm2-135m-wikisql-dpo", ("train.method=orpo", "train.moe_aux_loss=0.01"))
