@@ -16,12 +16,14 @@ def evaluate(
     shard: tuple[int, int] = (0, 1),
     reduce=None,
     loss_fn=batch_loss,
+    prepare=None,
 ):
     """Token-weighted mean loss over the validation set (or its first max_batches batches).
 
     Data parallel: shard=(rank, size) evaluates every size-th example of each batch and
     reduce(loss sum, tokens) adds up the ranks' sums. Preference pairs (loss_fn from
-    train/preference.py) give the mean loss per pair."""
+    train/preference.py) give the mean loss per pair; prepare(examples), if given, runs before
+    each batch (DPO's reference, for the pairs validation really uses)."""
     if not valid_set:
         return None
     lengths = [example_tokens(e) for e in valid_set]
@@ -37,7 +39,10 @@ def evaluate(
                 idx = idx[shard[0] :: shard[1]]
                 if not idx:
                     continue
-                batch = make_batch([valid_set[i] for i in idx], pad_id, pack)
+                examples = [valid_set[i] for i in idx]
+                if prepare is not None:
+                    prepare(examples)
+                batch = make_batch(examples, pad_id, pack)
                 if batch.n_targets:
                     loss = loss_fn(model, batch, loss_chunk, grad=False)
                     total += (loss[0] if isinstance(loss, tuple) else loss).item()

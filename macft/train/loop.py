@@ -211,13 +211,11 @@ class Training:
 
     def validate(self) -> float | None:
         cfg, world = self.cfg, self.world
-        if self.reference is not None:
-            self.reference.fill(self.valid_set)
         try:
             return evaluate(
                 self.model, self.valid_set, cfg.batch_size, self.pad_id, cfg.eval_batches,
                 self.speed.pack, self.speed.loss_chunk, (world.rank, world.size), world.sum_eval,
-                loss_fn=self.loss_fn,
+                loss_fn=self.loss_fn, prepare=self.reference and self.reference.fill,
             )  # fmt: skip
         finally:
             device.clear_cache()  # validation's shapes are not the training steps'; free them
