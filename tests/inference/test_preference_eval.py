@@ -64,3 +64,11 @@ def test_dpo_run_then_eval_on_pairs(tiny_model_dir, tmp_path):
     assert pref["fine_tune"]["reward_margin"] > 0  # trained on these very pairs
     # the chosen answers are the held-out loss's targets
     assert summary["loss"]["examples"] == 4 and summary["format"] == "preference"
+
+    # macft report plots the reward curves and shows the pairs' table
+    result = CliRunner().invoke(cli, ["report", str(out)])
+    assert result.exit_code == 0, result.output
+    page = (out / "report.html").read_text()
+    assert "<figcaption>reward accuracy</figcaption>" in page
+    assert "<figcaption>reward margin</figcaption>" in page
+    assert "chosen more likely (4 pairs)" in page
