@@ -107,8 +107,11 @@ def train(
                 started = time.perf_counter()
                 batches, epoch, index = t.next_batches()
                 seeds = [micro_seed(cfg.seed, step, i, world.rank) for i in range(len(batches))]
+                sums = stepper.grads(batches, seeds)
+                if cfg.method != "sft" and sums[0].ndim == 0:  # a rank's share had no pair:
+                    sums = (mx.zeros(1 + len(preference.STATS)), *sums[1:])  # the same shape
                 loss, grads, n_targets, n_inputs = world.sum_step(
-                    *stepper.grads(batches, seeds), model.trainable_parameters(), step
+                    *sums, model.trainable_parameters(), step
                 )
                 loss, stats = (loss[0], loss[1:]) if loss.ndim else (loss, None)  # pairs
                 lr = lr_at(step, cfg, t.total)
