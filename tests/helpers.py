@@ -220,6 +220,22 @@ def counting_examples(n=6, seed=0, prompt=3):
     return out
 
 
+def counting_pairs(n=6, seed=0, prompt=4):
+    """Preference pairs on a shared prompt: chosen counts on (learnable), rejected is random."""
+    from macft.data.encode import Pair
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        length = int(rng.integers(prompt + 4, prompt + 20))
+        ids = ((rng.integers(0, 50) + np.arange(length)) % 50 + 3).astype(np.int32)
+        bad = ids.copy()
+        bad[prompt:] = rng.integers(3, 53, length - prompt)
+        mask = np.arange(length) >= prompt
+        out.append(Pair(Ex(ids, mask), Ex(bad, mask.copy())))
+    return out
+
+
 def lora_model(dropout=0.0, seed=0, base=None, **kw):
     model = base or build_tiny_model()
     mx.random.seed(seed)  # the lora_a init

@@ -12,6 +12,7 @@ from typing import Any
 REQUIRED = object()  # the default of a key that has none: the user must give it
 COMPUTE = ("auto", "quantized", "float32", "bfloat16", "float16")
 DEFAULT_EPOCHS = 2.0  # when neither train.iters nor train.epochs is set
+METHODS = ("sft", "dpo", "orpo")  # train.method; dpo and orpo train on preference pairs
 MAX_STEPS = 10**9  # a bound for step counts: beyond it a number is a typo, not a plan
 # Sections a resumed run must keep whole: the checkpoint's adapters depend on them.
 FIXED_ON_RESUME = ("model", "lora")
@@ -131,6 +132,19 @@ class TrainConfig:
         lo=0, hi=1 << 20,
     )  # fmt: skip
     compile: bool = key(True, "bool", "one compiled graph per batch shape; false = op by op")
+    method: str = key(
+        "sft", "choice",
+        "sft: learn the answers; dpo | orpo: prefer chosen over rejected (preference data)",
+        choices=METHODS, same_on_resume=True,
+    )  # fmt: skip
+    beta: float = key(
+        0.1, "float", "DPO: how far from the base (reference) the tuned model may move",
+        lo=1e-6, hi=100.0, same_on_resume=True,
+    )  # fmt: skip
+    orpo_lambda: float = key(
+        0.1, "float", "ORPO: weight of the odds-ratio term beside the chosen answer's loss",
+        lo=0.0, hi=100.0, same_on_resume=True,
+    )  # fmt: skip
     moe_aux_loss: float = key(
         0.0, "float", "MoE load-balancing loss weight (with lora.router: true); 0 = off",
         lo=0.0, hi=1.0, same_on_resume=True,

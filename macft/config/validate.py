@@ -140,6 +140,11 @@ def validate(raw: dict, origin: str) -> dict:
                 "train.moe_aux_loss: the load-balancing loss trains the router, which is frozen; "
                 "set lora.router: true, or train.moe_aux_loss: 0"
             )
+    if train.get("method") in ("dpo", "orpo") and train.get("moe_aux_loss"):
+        # the aux term is added to a token-weighted loss; a pair's loss is not one
+        problems.append(
+            f"train.moe_aux_loss: not with train.method: {train['method']}; set it to 0"
+        )
     if problems:
         n = len(problems)
         raise RecipeError(f"{origin}: {n} problem{'s' * (n > 1)}: " + "; ".join(problems))

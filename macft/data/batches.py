@@ -7,6 +7,7 @@ import mlx.core as mx
 import numpy as np
 
 from macft import device
+from macft.data.encode import Pair
 from macft.data.packing import PackedCache
 
 # Row widths are multiples of this: few shapes, so few compiles (each new shape costs one).
@@ -161,6 +162,13 @@ def input_tokens(examples) -> int:
     return sum(max(len(e.ids) - 1, 0) for e in examples)
 
 
+def example_tokens(example) -> int:
+    """The tokens one example puts through the model: a preference pair puts both answers."""
+    if isinstance(example, Pair):
+        return len(example.chosen.ids) + len(example.rejected.ids)
+    return len(example.ids)
+
+
 @dataclass
 class Batch:
     inputs: mx.array  # (rows, width)
@@ -171,10 +179,29 @@ class Batch:
     n_inputs: int
     cache: PackedCache | None = None  # packed rows: positions and the block-diagonal mask
     weights: mx.array | None = None  # per index entry: 1, or 0 where index only pads a shape
+    ref: mx.array | None = None  # preference pairs: the reference's log-probability per row
+
+
+def make_pair_batch(pairs: list[Pair], pad_id: int, pad_to: int = PAD_TO) -> Batch:
+    """Preference pairs as padded rows: every chosen answer, then every rejected one.
+
+    n_targets counts pairs, not tokens: the preference losses are one number per pair, so the
+    trainer's division by n_targets weighs every pair equally, however micro-batches split them.
+    """
+    rows = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    inputs, targets, mask, _ = collate(rows, pad_id, pad_to)
+    index = np.flatnonzero(np.asarray(mask).reshape(-1) > 0).astype(np.int32)
+    ref = None
+    if pairs and all(p.ref is not None for p in pairs):
+        ref = mx.array(np.array([p.ref[0] for p in pairs] + [p.ref[1] for p in pairs], np.float32))
+    n = len(pairs)
+    return Batch(inputs, targets, mask, mx.array(index), n, input_tokens(rows), None, None, ref)
 
 
 def make_batch(examples, pad_id: int, pack: bool = False, pad_to: int = PAD_TO) -> Batch:
     """One micro-batch: examples padded one per row, or packed several to a row."""
+    if examples and isinstance(examples[0], Pair):
+        return make_pair_batch(examples, pad_id, pad_to)
     cache = None
     if pack:
         inputs, targets, mask, positions, segments = collate_packed(examples, pad_id, pad_to)

@@ -7,21 +7,22 @@ from pathlib import Path
 
 import numpy as np
 
-from macft.data.encode import Example, encode_record
-from macft.data.jsonl import read_jsonl_numbered
+from macft.data.batches import example_tokens
+from macft.data.encode import Example, Pair, encode_pair, encode_record
+from macft.data.jsonl import FORMAT_NAMES, read_jsonl_numbered
 from macft.errors import DataError
 
 
 @dataclass
 class DataReport:
-    format: str  # "chat" | "completion" | "text"
+    format: str  # "chat" | "completion" | "text" | "preference"
     n_train: int
     n_valid: int
     n_truncated: int  # examples cut to max_seq_length
     n_dropped: int  # examples with no target token left after truncation
     train_tokens: int
     train_target_tokens: int
-    lengths: list[int]  # per train example, after truncation (a memory planner reads these)
+    lengths: list[int]  # per train row, after truncation (a memory planner reads these)
     sources: dict  # {"train": path, "valid": path or "held out from <file>: N lines" or "none"}
 
 
@@ -131,8 +132,42 @@ def _too_long(file, what: str, max_seq_length: int, longest: int) -> DataError:
     )
 
 
+def _cut_pair(pair: Pair, max_seq_length: int, counts) -> Pair:
+    """Both answers cut to max_seq_length; a prompt that leaves no answer token is an error
+    (a pair cannot be dropped quietly: it would leave its answers unjudged)."""
+    sides = []
+    for ex in (pair.chosen, pair.rejected):
+        counts["longest"] = max(counts["longest"], len(ex.ids))
+        if len(ex.ids) > max_seq_length:
+            first = int(np.argmax(ex.mask))  # the first answer token
+            if first >= max_seq_length:
+                raise DataError(
+                    f"the prompt is {first} tokens, so nothing of the answer fits in "
+                    f"data.max_seq_length={max_seq_length}; raise data.max_seq_length or "
+                    "shorten the prompt"
+                )
+            counts["truncated"] += 1
+            ex = Example(ex.ids[:max_seq_length], ex.mask[:max_seq_length])
+        sides.append(ex)
+    return Pair(*sides)
+
+
+def prepare_pairs(records, tokenizer, max_seq_length, system, counts) -> list[Pair]:
+    """Pairs encoded and cut, from [(file, line, record)]; errors name the file and line."""
+    out = []
+    for file, line, rec in records:
+        try:
+            pair = encode_pair(_clip(rec, 64 * max_seq_length), tokenizer, system)
+            out.append(_cut_pair(pair, max_seq_length, counts))
+        except DataError as e:
+            raise DataError(f"{file}:{line}: {e}") from e
+    return out
+
+
 def _prepare(records, fmt, tokenizer, max_seq_length, system, counts) -> list[Example]:
     """Tokenized, masked and cut examples; an example with nothing left to learn is dropped."""
+    if fmt == "preference":
+        return prepare_pairs(records, tokenizer, max_seq_length, system, counts)
     out = []
     for file, line, rec in records:
         try:
@@ -150,6 +185,26 @@ def _prepare(records, fmt, tokenizer, max_seq_length, system, counts) -> list[Ex
     return out
 
 
+def check_method(method: str, pairs: bool, where: str) -> None:
+    """Preference pairs train with train.method dpo or orpo, and those methods only on pairs."""
+    if method == "sft" and pairs:
+        raise DataError(
+            f"{where}: the lines are preference pairs {FORMAT_NAMES['preference']} but "
+            "train.method is sft; set train.method: dpo or orpo (--set train.method=dpo)"
+        )
+    if method != "sft" and not pairs:
+        raise DataError(
+            f"{where}: train.method is {method}, which trains on preference pairs, but the "
+            f"lines are not pairs; give {FORMAT_NAMES['preference']} lines or set "
+            "train.method: sft"
+        )
+
+
+def _targets(ex) -> int:
+    sides = (ex.chosen, ex.rejected) if isinstance(ex, Pair) else (ex,)
+    return sum(int(e.mask.sum()) for e in sides)
+
+
 def load_data(
     path: str | Path,
     tokenizer,
@@ -157,12 +212,17 @@ def load_data(
     valid_fraction: float,
     seed: int,
     system: str | None = None,
+    method: str = "sft",
 ) -> tuple[list[Example], list[Example], DataReport]:
-    """Read, check, split, tokenize and truncate; the report counts every cut and drop."""
+    """Read, check, split, tokenize and truncate; the report counts every cut and drop.
+
+    Preference data ({"prompt", "chosen", "rejected"}) gives Pairs; `method` (train.method)
+    must be one that trains on them, and sft must not be."""
     train_file, valid_file = _find_files(Path(path))
     records, valid_records, fmt, valid_source = _records(
         train_file, valid_file, valid_fraction, seed
     )
+    check_method(method, fmt == "preference", str(train_file))
     counts = {"truncated": 0, "dropped": 0, "longest": 0}
     args = (fmt, tokenizer, max_seq_length, system, counts)
     train_set = _prepare(records, *args)
@@ -171,15 +231,19 @@ def load_data(
     valid_set = _prepare(valid_records, *args)
     if valid_records and not valid_set:  # training would go on with no validation at all
         raise _too_long(valid_file or train_file, "validation", max_seq_length, counts["longest"])
-    lengths = [len(ex.ids) for ex in train_set]
+    # a pair's two answers are rows of their own: the planner counts the longer one, twice
+    lengths = [
+        max(len(ex.chosen.ids), len(ex.rejected.ids)) if isinstance(ex, Pair) else len(ex.ids)
+        for ex in train_set
+    ]
     report = DataReport(
         format=fmt,
         n_train=len(train_set),
         n_valid=len(valid_set),
         n_truncated=counts["truncated"],
         n_dropped=counts["dropped"],
-        train_tokens=sum(lengths),
-        train_target_tokens=int(sum(ex.mask.sum() for ex in train_set)),
+        train_tokens=sum(example_tokens(ex) for ex in train_set),
+        train_target_tokens=int(sum(_targets(ex) for ex in train_set)),
         lengths=lengths,
         sources={"train": str(train_file), "valid": valid_source},
     )

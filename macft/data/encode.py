@@ -18,6 +18,17 @@ class Example:
     mask: np.ndarray  # bool, length T; True = token i is a target, predicted from ids[:i]
 
 
+@dataclass
+class Pair:
+    """A preference pair: the same prompt with the chosen and the rejected answer."""
+
+    chosen: Example
+    rejected: Example
+    # The reference's (the base, LoRA off) log-probabilities of (chosen, rejected): filled
+    # once, the first time the pair trains or validates (train/preference.py).
+    ref: np.ndarray | None = None
+
+
 def _example(ids: list[int], targets: list[tuple[int, int]]) -> Example:
     mask = np.zeros(len(ids), dtype=bool)
     for start, end in targets:
@@ -252,3 +263,19 @@ def encode_record(record: dict, fmt: str, tokenizer, system: str | None = None) 
     if eos is not None and (not ids or ids[-1] != eos):
         ids.append(eos)  # so the model learns to stop
     return _example(ids, [(start, len(ids))])
+
+
+def encode_pair(record: dict, tokenizer, system: str | None = None) -> Pair:
+    """A checked preference record -> its two answers, each encoded as SFT data would be
+    (through the chat template, loss on the answer only); untruncated, no reference yet."""
+    prompt = record["prompt"]
+
+    def side(answer: str) -> Example:
+        if isinstance(prompt, list):
+            msgs = [*prompt, {"role": "assistant", "content": answer}]
+            return encode_record({"messages": msgs}, "chat", tokenizer, system)
+        return encode_record(
+            {"prompt": prompt, "completion": answer}, "completion", tokenizer, system
+        )
+
+    return Pair(side(record["chosen"]), side(record["rejected"]))

@@ -106,5 +106,19 @@ def make_cases(records, fmt, tokenizer, split_on: str, system=None) -> tuple[lis
     return cases, skipped
 
 
+def chosen_records(pairs: list[dict]) -> tuple[list[dict], str]:
+    """Preference records as SFT records whose answer is the chosen one: their loss and greedy
+    answers are scored as any held-out data's. Through a chat template a text prompt is one
+    user message, so a file mixing text and message prompts becomes chat data."""
+    if all(isinstance(r["prompt"], str) for r in pairs):
+        return [{"prompt": r["prompt"], "completion": r["chosen"]} for r in pairs], "completion"
+    out = []
+    for r in pairs:
+        p = r["prompt"]
+        msgs = [{"role": "user", "content": p}] if isinstance(p, str) else list(p)
+        out.append({"messages": [*msgs, {"role": "assistant", "content": r["chosen"]}]})
+    return out, "chat"
+
+
 def target_tokens(examples) -> int:
     return int(sum(np.count_nonzero(e.mask[1:]) for e in examples))

@@ -12,11 +12,14 @@ FORMAT_NAMES = {
     "chat": '{"messages": [...]}',
     "completion": '{"prompt", "completion"}',
     "text": '{"text"}',
+    "preference": '{"prompt", "chosen", "rejected"}',
 }
 HOW = (
     'each line needs one of: {"messages": [{"role": "user", "content": ...}, ...]}, '
-    '{"prompt": ..., "completion": ...} or {"text": ...}'
+    '{"prompt": ..., "completion": ...} or {"text": ...} (preference pairs: '
+    '{"prompt": ..., "chosen": ..., "rejected": ...})'
 )
+SIDES = ("chosen", "rejected")
 
 
 def _kind(value) -> str:
@@ -26,6 +29,8 @@ def _kind(value) -> str:
 
 
 def detect_format(rec: dict) -> str | None:
+    if "chosen" in rec or "rejected" in rec:
+        return "preference"
     if "messages" in rec:
         return "chat"
     if "prompt" in rec or "completion" in rec:
@@ -109,9 +114,56 @@ def _check_chat(msgs) -> str | None:
     return None
 
 
+def _answer(value) -> str | None:
+    """A preference answer as text: a string, an assistant message or a list of one (TRL)."""
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if isinstance(value, dict) and value.get("role") == "assistant":
+        value = value.get("content")
+        value = "".join(p["text"] for p in value) if _text_parts(value) else value
+    return value if isinstance(value, str) else None
+
+
+def _check_preference(rec: dict) -> str | None:
+    """A pair: a prompt (text, or messages ending with the user's), two different answers.
+    The answers become plain text in place, as _flatten does for messages."""
+    for side in SIDES:
+        if side not in rec:
+            other = SIDES[1 - SIDES.index(side)]
+            return f"has '{other}' but no '{side}'; a preference pair needs both answers"
+    if "prompt" not in rec:
+        return "no 'prompt'; a preference pair needs the prompt both answers reply to"
+    prompt = rec["prompt"]
+    if isinstance(prompt, list):
+        _flatten({"messages": prompt})
+        # the prompt is a conversation waiting for the reply: checked as one with a reply
+        problem = _check_chat([*prompt, {"role": "assistant", "content": "-"}])
+        if problem:
+            return f"'prompt': {problem}"
+    elif not isinstance(prompt, str):
+        return f"'prompt' is {_kind(prompt)}; it must be a string or a list of messages"
+    elif not prompt.strip():
+        return "empty 'prompt'; write the question both answers reply to"
+    for side in SIDES:
+        text = _answer(rec[side])
+        if text is None:
+            return (
+                f"'{side}' is {_kind(rec[side])}; it must be a string or an assistant message "
+                '{"role": "assistant", "content": ...}'
+            )
+        if not text.strip():
+            return f"empty '{side}'; a preference pair needs two answers"
+        rec[side] = text
+    if rec["chosen"].strip() == rec["rejected"].strip():
+        return "'chosen' and 'rejected' are the same answer; a pair teaches nothing: remove it"
+    return None
+
+
 def _check_fields(rec: dict, fmt: str) -> str | None:
     if fmt == "chat":
         return _check_chat(rec["messages"])
+    if fmt == "preference":
+        return _check_preference(rec)
     keys = ("prompt", "completion") if fmt == "completion" else ("text",)
     for key in keys:
         if key not in rec:

@@ -5,6 +5,7 @@ import json
 import time
 from pathlib import Path
 
+import mlx.core as mx
 from mlx_lm import stream_generate
 from mlx_lm.sample_utils import make_sampler
 from rich.console import Console
@@ -12,9 +13,17 @@ from rich.markup import escape
 
 from macft import device
 from macft.atomic import atomic_write_json, atomic_write_text
-from macft.config.schema import DataConfig, TrainConfig
+from macft.config.schema import DataConfig, TrainConfig, resolve_loss_chunk
 from macft.console import Column, make_console, print_table
-from macft.data.heldout import general_examples, load_eval_data, loss_examples, make_cases
+from macft.data.batches import make_pair_batch
+from macft.data.dataset import prepare_pairs
+from macft.data.heldout import (
+    chosen_records,
+    general_examples,
+    load_eval_data,
+    loss_examples,
+    make_cases,
+)
 from macft.data.heldout import target_tokens as count_targets
 from macft.errors import MacftError, RunError
 from macft.inference.scoring import SCORERS, forgetting, overfitting, perplexity
@@ -22,6 +31,7 @@ from macft.lora.apply import lora_disabled
 from macft.runs.folder import RunDir
 from macft.runs.model import load_run_model
 from macft.train.evaluate import evaluate
+from macft.train.preference import row_logps
 
 METRICS = ("loss", *SCORERS)
 SIDES = ("base", "fine_tune")
@@ -62,6 +72,41 @@ def side_losses(model, examples, batch_size: int, pad_id: int) -> dict:
         with lora_disabled(model) if side == "base" else contextlib.nullcontext():
             loss = evaluate(model, examples, batch_size, pad_id)
         out[side] = {"loss": loss, "perplexity": perplexity(loss)}
+    return out
+
+
+def pair_scores(model, pairs, batch_size: int, pad_id: int, beta: float) -> dict:
+    """Preference pairs, base (LoRA off) and fine-tune: the share of pairs whose chosen answer
+    is the more likely (summed log-probabilities) and the mean margin; for the fine-tune also
+    DPO's implicit reward against the base as reference: its accuracy and mean margin."""
+    chunk = resolve_loss_chunk("auto", device.mac_path())
+    margins = {}
+    was_training = model.training
+    model.eval()
+    try:
+        for side in SIDES:
+            with lora_disabled(model) if side == "base" else contextlib.nullcontext():
+                parts = []
+                for s in range(0, len(pairs), batch_size):
+                    logps, _ = row_logps(
+                        model, make_pair_batch(pairs[s : s + batch_size], pad_id), chunk
+                    )
+                    n = logps.shape[0] // 2
+                    parts.append(logps[:n] - logps[n:])
+                margins[side] = mx.concatenate(parts)
+    finally:
+        model.train(was_training)
+    out = {
+        side: {
+            "accuracy": (m > 0).astype(mx.float32).mean().item(),
+            "margin": m.mean().item(),
+        }
+        for side, m in margins.items()
+    }
+    reward = beta * (margins["fine_tune"] - margins["base"])
+    out["fine_tune"]["reward_accuracy"] = (reward > 0).astype(mx.float32).mean().item()
+    out["fine_tune"]["reward_margin"] = reward.mean().item()
+    out["pairs"], out["beta"] = len(pairs), beta
     return out
 
 
@@ -115,6 +160,10 @@ def run_eval(
     wanted = parse_metrics(metric)
     run = open_run(run_path)
     records, fmt = load_eval_data(data, limit)
+    pair_records = None
+    if fmt == "preference":  # loss and answers on the chosen side, and the pairs compared
+        pair_records = records
+        records, fmt = chosen_records(pair_records)
     recipe = run.recipe() if run.recipe_path.is_file() else {}
     d, t = recipe.get("data") or {}, recipe.get("train") or {}
     max_len = d.get("max_seq_length", DataConfig.max_seq_length)
@@ -132,7 +181,7 @@ def run_eval(
     held, forgot = losses(cm, examples, batch_size, max_len, forget_threshold, console)
     summary = {
         "data": str(data),
-        "format": fmt,
+        "format": "preference" if pair_records is not None else fmt,
         "lines": len(records),
         "limit": limit,
         "adapters": str(cm.adapters),
@@ -141,7 +190,17 @@ def run_eval(
         "forgetting": forgot,
         "overfitting": overfitting(run.read_metrics()),
         "generation": None,  # answers scored, when --metric asks for them
+        "preference": None,  # preference pairs: base and fine-tune compared on each pair
     }
+    if pair_records is not None:
+        tok = cm.tokenizer
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        numbered = [(data, i, r) for i, r in enumerate(pair_records, 1)]
+        counts = {"truncated": 0, "dropped": 0, "longest": 0}
+        pairs = prepare_pairs(numbered, tok, max_len, system, counts)
+        beta = t.get("beta", TrainConfig.beta)
+        with console.status(f"comparing {len(pairs)} preference pairs ..."):
+            summary["preference"] = pair_scores(cm.model, pairs, batch_size, pad_id, beta)
     out_dir = run.path / "eval"
     out_dir.mkdir(exist_ok=True)
     stem = Path(data).stem + (f"@{checkpoint}" if checkpoint else "")
@@ -222,6 +281,23 @@ def summary_rows(s: dict) -> list[list[str]]:
                 f"{100 * (ff - bb):+.1f} pts",
             ]
         )
+    p = s.get("preference")
+    if p:
+        b, f = p["base"], p["fine_tune"]
+        n = p["pairs"]
+        rows.append(
+            [
+                f"chosen more likely ({n} pairs)",
+                f"{b['accuracy']:.1%}",
+                f"{f['accuracy']:.1%}",
+                f"{100 * (f['accuracy'] - b['accuracy']):+.1f} pts",
+            ]
+        )
+        rows.append(_versus("log-prob margin", b["margin"], f["margin"]))
+        rows.append(
+            [f"reward accuracy (beta {p['beta']:g})", "-", f"{f['reward_accuracy']:.1%}", ""]
+        )
+        rows.append(["reward margin", "-", _fmt(f["reward_margin"]), ""])
     fg = s["forgetting"]
     ppl = _fmt(fg["base_perplexity"]), _fmt(fg["fine_tune_perplexity"])
     rows.append(["general-text perplexity", *ppl, f"{fg['change_pct']:+.1f}%"])

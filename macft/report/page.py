@@ -140,6 +140,16 @@ def _eval_table(s: dict) -> str:
                     f'<span class="{cls}">{100 * (ff - bb):+.1f} pts</span>',
                 ]
             )
+    p = s.get("preference")
+    if p:  # preference pairs: how often each model finds the chosen answer more likely
+        bb, ff = p["base"]["accuracy"], p["fine_tune"]["accuracy"]
+        rows.append(
+            [f"chosen more likely ({_num(p['pairs'])} pairs)", f"{bb:.1%}", f"{ff:.1%}",
+             f"{100 * (ff - bb):+.1f} pts"]
+        )  # fmt: skip
+        rows.append(
+            ["reward accuracy", "-", f"{p['fine_tune']['reward_accuracy']:.1%}", ""]
+        )  # fmt: skip
     fg = s["forgetting"]
     cls = "bad" if fg["warning"] else ""
     rows.append(

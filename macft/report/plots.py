@@ -46,7 +46,9 @@ def loss_png(metrics: list[dict], best_step: int | None = None) -> bytes | None:
     return _png(fig)
 
 
-def single_png(metrics: list[dict], key: str, title: str, ylabel: str) -> bytes | None:
+def single_png(
+    metrics: list[dict], key: str, title: str, ylabel: str, from_zero: bool = True
+) -> bytes | None:
     steps, values = _series(metrics, key)
     if key in ("tokens_per_s", "learning_rate"):  # the step-0 report (eval only) took no step
         pts = [(s, v) for s, v in zip(steps, values, strict=True) if s > 0]
@@ -55,7 +57,8 @@ def single_png(metrics: list[dict], key: str, title: str, ylabel: str) -> bytes 
         return None
     fig, ax = _figure(title, ylabel)
     ax.plot(steps, values, color=COLORS["other"], lw=1.6, marker="." if len(steps) < 40 else None)
-    ax.set_ylim(bottom=0)
+    if from_zero:
+        ax.set_ylim(bottom=0)
     return _png(fig)
 
 
@@ -66,5 +69,11 @@ def curve_pngs(metrics: list[dict], best_step: int | None = None) -> list[tuple[
         ("learning rate", single_png(metrics, "learning_rate", "learning rate", "lr")),
         ("throughput", single_png(metrics, "tokens_per_s", "throughput", "tokens / s")),
         ("peak memory", single_png(metrics, "peak_memory_gb", "peak memory", "GB")),
+        # preference pairs (train.method dpo, orpo)
+        ("reward accuracy", single_png(metrics, "reward_accuracy", "reward accuracy", "share")),
+        (
+            "reward margin",
+            single_png(metrics, "reward_margin", "reward margin", "chosen - rejected", False),
+        ),
     ]
     return [(caption, png) for caption, png in figs if png is not None]

@@ -16,10 +16,12 @@ from mlx.utils import tree_flatten, tree_map_with_path
 
 from macft import device
 from macft.config.schema import TrainConfig
-from macft.data.batches import batch_order, batches_per_epoch
+from macft.data.batches import batch_order, batches_per_epoch, example_tokens
+from macft.data.dataset import check_method
+from macft.data.encode import Pair
 from macft.errors import DataError, RunError
 from macft.lora.apply import adapter_weights, load_adapter_weights
-from macft.train import divergence
+from macft.train import divergence, preference
 from macft.train.evaluate import evaluate
 from macft.train.expert_load import ExpertTracker
 from macft.train.loss import batch_loss
@@ -57,7 +59,7 @@ class Batches:
     def __init__(self, train_set: list, batch_size: int, seed: int):
         self.train_set, self.batch_size, self.seed = train_set, batch_size, seed
         self.per_epoch = batches_per_epoch(len(train_set), batch_size)
-        self.lengths = [len(e.ids) for e in train_set]
+        self.lengths = [example_tokens(e) for e in train_set]
         self.orders: dict[int, list[list[int]]] = {}
 
     def next(self, epoch: int, index: int) -> tuple[list[int], int, int]:
@@ -88,6 +90,7 @@ def train(
     (batch_size x ranks) and only rank 0's `run` writes anything."""
     if not train_set:
         raise DataError("no training examples left to train on; check the data file")
+    check_method(cfg.method, isinstance(train_set[0], Pair), "the training data")
     if world.size > 1:
         cfg = replace(cfg, batch_size=cfg.batch_size * world.size)
     t = Training(model, train_set, valid_set, cfg, run, pad_id, lora_info, world)
@@ -104,9 +107,13 @@ def train(
                 started = time.perf_counter()
                 batches, epoch, index = t.next_batches()
                 seeds = [micro_seed(cfg.seed, step, i, world.rank) for i in range(len(batches))]
+                sums = stepper.grads(batches, seeds)
+                if cfg.method != "sft" and sums[0].ndim == 0:  # a rank's share had no pair:
+                    sums = (mx.zeros(1 + len(preference.STATS)), *sums[1:])  # the same shape
                 loss, grads, n_targets, n_inputs = world.sum_step(
-                    *stepper.grads(batches, seeds), model.trainable_parameters(), step
+                    *sums, model.trainable_parameters(), step
                 )
+                loss, stats = (loss[0], loss[1:]) if loss.ndim else (loss, None)  # pairs
                 lr = lr_at(step, cfg, t.total)
                 ok = divergence.finite(loss, grads)  # else the step is skipped, not applied
                 with _defer_sigint():  # model, optimizer and counters move on together
@@ -115,8 +122,9 @@ def train(
                         update(grads, mx.array(n_targets, mx.float32))
                     mx.eval(model.trainable_parameters(), t.optimizer.state)
                     loss, n_targets = (loss.item(), n_targets) if ok else (0.0, 0)
+                    stats = stats.tolist() if ok and stats is not None else None
                     seconds = time.perf_counter() - started
-                    t.state.commit(step, epoch, index, loss, n_targets, n_inputs, seconds)
+                    t.state.commit(step, epoch, index, loss, n_targets, n_inputs, seconds, stats)
                     divergence.count(t.state, ok)
                     t.clock.tick()
                 t.result.losses[step] = loss / max(n_targets, 1) if ok else float("nan")
@@ -135,7 +143,15 @@ class Training:
         self.pad_id, self.world = pad_id, world
         self.speed = Speed.choose(cfg, model, world.size)
         self.experts = ExpertTracker(model, pad_id, cfg.moe_aux_loss)  # MoE: expert load, aux
-        self.stepper = Stepper(model, self.speed, pad_id, self.experts.loss(batch_loss))
+        self.loss_fn = batch_loss if cfg.method == "sft" else preference.preference_loss(cfg)
+        # DPO's reference: the base, LoRA off, once per pair (ORPO needs none)
+        self.reference = None
+        if cfg.method == "dpo":
+            self.reference = preference.Reference(model, pad_id, self.speed.loss_chunk)
+        prepare = self.reference.fill_batches if self.reference else None
+        self.stepper = Stepper(
+            model, self.speed, pad_id, self.experts.loss(self.loss_fn), prepare=prepare
+        )
         self.batches = Batches(train_set, cfg.batch_size, cfg.seed)
         self.total = total_steps(cfg, len(train_set))
         self.adapter_config = lora_info.adapter_config() if lora_info is not None else None
@@ -202,6 +218,7 @@ class Training:
             return evaluate(
                 self.model, self.valid_set, cfg.batch_size, self.pad_id, cfg.eval_batches,
                 self.speed.pack, self.speed.loss_chunk, (world.rank, world.size), world.sum_eval,
+                loss_fn=self.loss_fn, prepare=self.reference and self.reference.fill,
             )  # fmt: skip
         finally:
             device.clear_cache()  # validation's shapes are not the training steps'; free them

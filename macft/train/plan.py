@@ -102,7 +102,8 @@ def setup_for(recipe: dict, seq_len: int, compute: str, on_mac: bool, machines: 
     lo, t, m = (schema.of(recipe, k) for k in ("lora", "train", "model"))
     act_bytes, scale_bytes = compute_bytes(compute, on_mac)
     return mp.Setup(
-        batch_size=t.batch_size,
+        # a preference pair is two rows; DPO's reference pass (no gradient, one pair) keeps less
+        batch_size=t.batch_size * (1 if t.method == "sft" else 2),
         seq_len=seq_len,
         rank=lo.rank,
         targets=mp.target_keys(lo.targets, lo.router),

@@ -12,6 +12,11 @@ def _fmt(report: dict) -> str:
     parts = [f"loss {report['train_loss']:.3f}" if report.get("train_loss") is not None else ""]
     if report.get("val_loss") is not None:
         parts.append(f"val {report['val_loss']:.3f}")
+    if report.get("reward_accuracy") is not None:  # preference pairs (train.method dpo, orpo)
+        parts.append(
+            f"reward acc {report['reward_accuracy']:.0%} margin {report['reward_margin']:.3f}"
+        )
+        parts.append(f"logp {report['chosen_logp']:.1f}/{report['rejected_logp']:.1f}")
     parts.append(f"lr {report.get('learning_rate', 0):.2e}")
     parts.append(f"{report.get('tokens_per_s', 0):,.0f} tok/s")
     parts.append(f"peak {report.get('peak_memory_gb', 0):.2f} GB")

@@ -92,8 +92,9 @@ def load_examples(recipe: dict, tokenizer, console: Console):
     """(train set, valid set, report) tokenized and masked, with what was cut said."""
     d, seed = schema.of(recipe, "data"), recipe["train"]["seed"]
     train_set, valid_set, rep = load_data(
-        d.path, tokenizer, d.max_seq_length, d.valid_fraction, seed, d.system
-    )
+        d.path, tokenizer, d.max_seq_length, d.valid_fraction, seed, d.system,
+        recipe["train"]["method"],
+    )  # fmt: skip
     console.print(
         f"data: {rep.n_train} train / {rep.n_valid} valid examples ({rep.format}), "
         f"{rep.train_target_tokens:,} of {rep.train_tokens:,} train tokens carry loss"

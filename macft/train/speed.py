@@ -50,7 +50,8 @@ class Speed:
         """What a run with these settings does on this machine."""
         quantized, mac = is_quantized(model), device.mac_path()
         return cls(
-            pack=cfg.pack and packing_supported(model),
+            # a pair's two answers are compared row by row: pairs are not packed
+            pack=cfg.pack and cfg.method == "sft" and packing_supported(model),
             loss_chunk=resolve_loss_chunk(cfg.loss_chunk, mac),
             grad_checkpoint=cfg.grad_checkpoint,
             # MoE models train uncompiled: the expert counts are read out of the forward pass.
@@ -62,7 +63,9 @@ class Speed:
 
     def describe(self, cfg: TrainConfig, model_type: str | None, compute: str) -> str:
         """The speed line: which of the speed-ups this run uses, and how to turn each off."""
-        if not cfg.pack:
+        if cfg.method != "sft":
+            rows = f"preference pairs ({cfg.method}), padded rows grouped by length"
+        elif not cfg.pack:
             rows = "padded rows grouped by length (train.pack=false)"
         elif self.pack:
             rows = "examples packed in rows (train.pack)"
@@ -94,8 +97,10 @@ class Stepper:
     they are traced into its graph.
     """
 
-    def __init__(self, model: nn.Module, speed: Speed, pad_id: int, loss_fn=batch_loss):
+    def __init__(self, model: nn.Module, speed: Speed, pad_id: int, loss_fn=batch_loss,
+                 prepare=None):  # fmt: skip
         self.model, self.speed, self.pad_id, self.loss_fn = model, speed, pad_id, loss_fn
+        self.prepare = prepare  # prepare(micro-batches) before their step: DPO's reference
         self._stack = contextlib.ExitStack()
         self.step_fn = None
         self.streams = None
@@ -117,6 +122,8 @@ class Stepper:
     def grads(self, batches: list, seeds=None):
         """(loss sum, gradient sums, target tokens, input tokens) of a step's micro-batches."""
         s = self.speed
+        if self.prepare is not None:
+            self.prepare(batches)
         with blas_threads(1 if self.streams else None):  # a core per stream
             return accumulate(
                 self.step_fn or self.loss_and_grad, self.model, batches, self.pad_id, seeds,

@@ -6,9 +6,10 @@ continues the same data order, schedule, early stopping and report sums.
 
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 from macft import device
+from macft.train.preference import STATS
 
 
 @dataclass
@@ -29,6 +30,7 @@ class TrainState:
     pending_targets: int = 0
     pending_tokens: int = 0
     pending_time: float = 0.0
+    pending_stats: list = field(default_factory=list)  # preference pairs: train/preference.STATS
 
     @classmethod
     def from_saved(cls, saved: dict) -> "TrainState":
@@ -39,8 +41,11 @@ class TrainState:
         return {**asdict(self), **extra}
 
     def commit(self, step: int, epoch: int, index: int, loss: float, targets: int, tokens: int,
-               seconds: float) -> None:  # fmt: skip
+               seconds: float, stats: list | None = None) -> None:  # fmt: skip
         """One optimizer step done: the data position moves on, the report sums grow."""
+        if stats is not None:
+            old = self.pending_stats or [0.0] * len(stats)
+            self.pending_stats = [a + b for a, b in zip(old, stats, strict=True)]
         self.step, self.epoch, self.index = step, epoch, index
         self.trained_tokens += tokens
         self.pending_loss += loss
@@ -84,6 +89,9 @@ class TrainState:
             **device.memory_gb(),
             "elapsed_s": round(self.elapsed_s, 3),
         }
+        if self.pending_stats and self.pending_targets:  # per pair (pending_targets counts them)
+            stats = zip(STATS, self.pending_stats, strict=True)
+            record.update({k: v / self.pending_targets for k, v in stats})
         if val is not None:
             record["val_loss"] = val
             record["best_val_loss"] = self.best_val_loss
@@ -92,7 +100,7 @@ class TrainState:
         if final:
             record["final"] = True
         self.pending_loss, self.pending_targets, self.pending_tokens = 0.0, 0, 0
-        self.pending_time = 0.0
+        self.pending_time, self.pending_stats = 0.0, []
         return record
 
 

@@ -33,6 +33,7 @@ def _arrays(batch: Batch) -> dict:
         "loss_mask": batch.loss_mask,
         "index": batch.index,
         "weights": batch.weights,
+        "ref": batch.ref,
     }
     if batch.cache is not None:
         arrays.update(positions=batch.cache.offset, segments=batch.cache.segments)
@@ -44,12 +45,15 @@ def accumulate(
 ):
     """(loss sum, gradient sums, target tokens, input tokens) over micro-batches.
 
+    A preference loss returns (loss, stats) (train/preference.py): then the loss sum is a
+    vector, the loss followed by the stats' sums, and "target tokens" counts pairs.
+
     `loss_and_grad` is nn.value_and_grad(model, batch_loss) or a CompiledStep of it. Dividing
     both sums by the target tokens afterwards weighs every token equally, so 4 micro-batches of 1 give the same update
     as 1 batch of 4, packed or not. With `streams` (cpu/streams.py) each
     micro-batch is split into that many parts, each computed on its own stream, at once.
     """
-    grads, loss, n_targets, n_inputs = None, mx.array(0.0), 0, 0
+    grads, loss, n_targets, n_inputs = None, None, 0, 0
     with packing_context(model, pack):
         for i, examples in enumerate(batches):
             if not examples:  # a rank's share of a small last batch can be empty
@@ -65,10 +69,12 @@ def accumulate(
                 with mx.stream(streams[j]) if k > 1 else contextlib.nullcontext():
                     mb_loss, mb_grads = loss_and_grad(model, batch, loss_chunk)
                 grads = mb_grads if grads is None else tree_map(mx.add, grads, mb_grads)
-                loss = loss + mb_loss
+                loss = mb_loss if loss is None else tree_map(mx.add, loss, mb_loss)
                 n_targets += batch.n_targets
             mx.eval(loss, grads)  # keep the graph one micro-batch deep
-    return loss, grads, n_targets, n_inputs
+    if isinstance(loss, tuple):
+        loss = mx.concatenate([loss[0].reshape(1), loss[1]])
+    return mx.array(0.0) if loss is None else loss, grads, n_targets, n_inputs
 
 
 class CompiledStep:
@@ -97,8 +103,9 @@ class CompiledStep:
             a = dict(zip(names, arrays, strict=True))
             cache = PackedCache(a["positions"], a["segments"]) if "positions" in a else None
             batch = Batch(
-                a["inputs"], a["targets"], a["loss_mask"], a["index"], 0, 0, cache, a.get("weights")
-            )
+                a["inputs"], a["targets"], a["loss_mask"], a["index"], 0, 0, cache,
+                a.get("weights"), a.get("ref"),
+            )  # fmt: skip
             return self.loss_and_grad(self.model, batch, loss_chunk)
 
         state = [self.model.state, mx.random.state]

@@ -106,6 +106,28 @@ def data_case(name, content, line, *hints, sets=()):
         return train(w, d, *sets, data=p), [where, *hints]
 
 
+# preference pairs (train.method dpo / orpo)
+def pair_line(prompt="q", **sides) -> str:
+    return json.dumps({"prompt": prompt, **sides})
+
+
+DPO = ("train.method=dpo",)
+data_case("pair-identical", pair_line(chosen="a", rejected=" a"), 1, "the same answer", sets=DPO)
+data_case("pair-missing-side", pair_line(chosen="a"), 1, "no 'rejected'", sets=DPO)
+data_case("pair-no-prompt", '{"chosen": "a", "rejected": "b"}', 1, "no 'prompt'", sets=DPO)
+data_case(
+    "pair-answer-kind", pair_line(chosen=3, rejected="b"), 1, "'chosen' is a number", sets=DPO
+)
+data_case(
+    "pair-prompt-too-long",
+    pair_line("q" * 40, chosen="a", rejected="b"),
+    1,
+    "nothing of the answer fits in data.max_seq_length=16",
+    sets=(*DPO, "data.max_seq_length=16"),
+)
+data_case("pairs-with-sft", pair_line(chosen="a", rejected="b"), 0, "train.method: dpo or orpo")
+data_case("sft-with-dpo", GOOD, 0, "train.method is dpo", "not pairs", sets=DPO)
+
 data_case("bad-json", GOOD + '\n{"messages": [\n', 2, "bad JSON", "each line must be one JSON")
 data_case(
     "bom-mid-file", (GOOD + "\n") * 2 + "\ufeff" + GOOD + "\n", 3, "byte order mark", "delete it"

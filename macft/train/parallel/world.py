@@ -12,6 +12,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path, tree_unflatten
 
+from macft.data.encode import Pair
 from macft.errors import DataError, MacftError, RunError
 from macft.train.parallel.peer_run import PeerRun
 from macft.train.parallel.watchdog import Watchdog
@@ -109,7 +110,8 @@ class World:
             grads = tree_map(mx.zeros_like, params)
         flat = tree_flatten(grads)
         counts = mx.array([n_targets, n_inputs], dtype=mx.int64)
-        loss = loss.astype(mx.float32).reshape(1)
+        shape = loss.shape  # a vector for preference pairs: the loss and its stats
+        loss = loss.astype(mx.float32).reshape(-1)
         summed = self._sum([loss, *(v for _, v in flat), counts], f"step {step}")
         grads = tree_unflatten([(k, v) for (k, _), v in zip(flat, summed[1:-1], strict=True)])
         n_targets, n_inputs = summed[-1].tolist()
@@ -117,7 +119,7 @@ class World:
         if self._last_sum is not None:
             self.slowest_step = max(self.slowest_step, now - self._last_sum)
         self._last_sum = now
-        return summed[0][0], grads, n_targets, n_inputs
+        return summed[0].reshape(shape), grads, n_targets, n_inputs
 
     def sum_eval(self, total: float, tokens: int) -> tuple[float, int]:
         """A validation loss sum and token count over all ranks (each evaluated its share)."""
@@ -230,6 +232,8 @@ def fingerprint(*parts) -> str:
     """A digest of the examples (ids and masks) and any JSON-able parts, to compare ranks."""
     h = hashlib.sha256()
     for part in parts:
+        if isinstance(part, list | tuple) and part and isinstance(part[0], Pair):
+            part = [e for p in part for e in (p.chosen, p.rejected)]
         if isinstance(part, list | tuple) and part and hasattr(part[0], "ids"):
             for e in part:
                 h.update(np.asarray(e.ids, np.int64).tobytes())
