@@ -18,8 +18,6 @@ import stat
 import time
 from pathlib import Path
 
-import mlx.core as mx
-
 from macft.errors import RunError
 
 # Room kept free beyond a write's own bytes: headers, state.json, metrics lines.
@@ -164,6 +162,8 @@ def save_safetensors(path: Path, weights: dict, metadata: dict | None = None) ->
 
     The weights are evaluated first, so what MLX raises after that is the write itself.
     """
+    import mlx.core as mx  # here, not on top: console.py uses strict() and stays free of MLX
+
     mx.eval(weights)
     try:
         mx.save_safetensors(str(path), weights, metadata=metadata or {"format": "mlx"})

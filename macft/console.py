@@ -8,7 +8,6 @@ colours away.
 """
 
 import json
-import math
 import os
 import sys
 from dataclasses import dataclass
@@ -16,6 +15,8 @@ from dataclasses import dataclass
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
+
+from macft.atomic import strict
 
 
 def make_console(
@@ -92,18 +93,7 @@ def print_table(console: Console, columns: list[Column], rows: list[list], title
     console.print(table)
 
 
-def _finite(value):
-    """NaN and infinity have no JSON spelling (jq and most parsers refuse them): null instead."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
-
-
 def print_json(data) -> None:
     """One JSON document on stdout: all a --json command writes there."""
-    sys.stdout.write(json.dumps(_finite(data), indent=2, ensure_ascii=False) + "\n")
+    sys.stdout.write(json.dumps(strict(data), indent=2, ensure_ascii=False) + "\n")
     sys.stdout.flush()
