@@ -722,3 +722,15 @@ def write_lora_run(
     run.create(recipe)
     mx.save_safetensors(str(run.adapters_path), dict(tree_flatten(tiny.trainable_parameters())))
     return run.path
+
+
+def short_general_text(monkeypatch, folder: Path, text: str) -> None:
+    """eval's forgetting check reads `text` instead of the shipped page: on the Mac's path
+    (bfloat16 on a CPU) the whole page takes ~25 s per eval with a tiny model."""
+    from macft.data import heldout
+    from macft.inference import evaluation
+
+    path = folder / "general.txt"
+    path.write_text(text)
+    whole = heldout.general_examples
+    monkeypatch.setattr(evaluation, "general_examples", lambda t, n: whole(t, n, path))

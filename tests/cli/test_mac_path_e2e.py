@@ -11,10 +11,9 @@ import mlx_lm
 import pytest
 from click.testing import CliRunner
 from gguf import GGUFReader
+from helpers import short_general_text
 
 from macft.cli import cli
-from macft.data import heldout
-from macft.inference import evaluation
 
 pytestmark = [pytest.mark.real, pytest.mark.path("mac")]
 
@@ -48,10 +47,9 @@ def test_train_chat_eval_fuse_on_the_macs_path(smollm2_gguf, tmp_path, monkeypat
     answer = run_cli("chat", run, "--prompt", QA[0][0], "--temp", "0", "--max-tokens", "3")
     assert answer.stdout.strip()
 
-    sentence = tmp_path / "general.txt"
-    sentence.write_text("The river runs past the old mill and into the sea.\n")
-    short = heldout.general_examples
-    monkeypatch.setattr(evaluation, "general_examples", lambda t, n: short(t, n, sentence))
+    short_general_text(
+        monkeypatch, tmp_path, "The river runs past the old mill and into the sea.\n"
+    )
     run_cli("eval", run, "--data", data, "--limit", "1")
     (summary,) = (run / "eval").glob("*.summary.json")
     loss = json.loads(summary.read_text())["loss"]

@@ -11,7 +11,12 @@ import mlx_lm
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import assert_documented_keys, build_tiny_hf_tokenizer, save_tiny_model_dir
+from helpers import (
+    assert_documented_keys,
+    build_tiny_hf_tokenizer,
+    save_tiny_model_dir,
+    short_general_text,
+)
 from mlx_lm.sample_utils import make_sampler
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
@@ -302,15 +307,9 @@ def test_cli_errors_are_one_clean_line(tiny_run, args, message):
 def test_eval_json_is_the_summary_on_stdout_and_the_table_goes_to_stderr(
     tiny_run, tmp_path, monkeypatch
 ):
-    from macft.data import heldout
-    from macft.inference import evaluation
-
-    # Two paragraphs of general text, not the shipped page: on the Mac's path (bfloat16 on this
-    # CPU) the whole page takes ~25 s per eval, and this test is about what is printed where.
-    short = tmp_path / "general.txt"
-    short.write_text("The river runs past the old mill.\n\nA cat sleeps in the sun.\n")
-    whole = heldout.general_examples
-    monkeypatch.setattr(evaluation, "general_examples", lambda t, n: whole(t, n, short))
+    # Two paragraphs, not the shipped page: this test is about what is printed where.
+    general = "The river runs past the old mill.\n\nA cat sleeps in the sun.\n"
+    short_general_text(monkeypatch, tmp_path, general)
     run = tmp_path / ("a-run-folder-with-a-long-name-" * 3)  # wider than 80 columns with its files
     shutil.copytree(tiny_run["out"], run)
     args = ["eval", str(run), "--data", str(tiny_run["test"]), "--metric", "f1", "--json"]
