@@ -10,7 +10,7 @@ from rich.markup import escape
 from macft import device
 from macft.console import make_console
 from macft.errors import ExportError, ModelError, RunError
-from macft.export import ollama
+from macft.export import CHECK_EXAMPLES, fidelity, ollama
 from macft.export.merge import DTYPES, REQUANT_GROUP, float_source, load_float_base
 from macft.export.outputs import (
     Steps,
@@ -156,6 +156,8 @@ def run_fuse(
     name: str | None = None,
     console: Console | None = None,
     force: bool = False,
+    check: int | None = CHECK_EXAMPLES,
+    check_data: str | None = None,
 ) -> list[dict]:
     console = console or make_console(soft_wrap=True)
     _check_options(gguf, quant, adapter_only, peft, quantize, dtype)
@@ -165,12 +167,16 @@ def run_fuse(
     quant = quant or "f16"
     fused_wanted = not adapter_only and (gguf or not peft)
     names = output_names(gguf, quant, adapter_only, peft, fused_wanted, name)
-    check_replaceable(out_dir, list(names.values()), own=out is None, force=force)
+    own = [*names.values(), fidelity.FILE]
+    check_replaceable(out_dir, own, own=out is None, force=force)
     mode, path = choose_base(run, base_weights)
     console.print(f"[bold]macft fuse[/] {escape(str(run.path))} -> {escape(str(out_dir))}")
     # Loading and merging free one float matrix after another: MLX would keep each for reuse
     # (its buffer cache), and an export needs memory more than it needs the reuse.
     device.limit_cache(EXPORT_CACHE_BYTES)
+    # The yardstick first, from the run as chat loads it, then let go: the export's own
+    # model never shares memory with it.
+    ref = fidelity.prepare(run, checkpoint, check, check_data, console)
     with console.status("loading the base and the adapters ..."):
         cm = load_run_model(
             str(run.path), str(path) if path else None, checkpoint, _loader(mode, path, run)
@@ -198,13 +204,21 @@ def run_fuse(
         "gguf": quant if gguf and fused_wanted else None,
         "peft": int(peft),
         "adapter_gguf": int(gguf and adapter_only),
+        "dtype": dtype,
     }
     n_adapter = sum(m.lora_a.size + m.lora_b.size for _, m in layers)
     check_free_space(out_dir, _estimate(parameter_count(cm.model), n_adapter, plan))
     with Staging(out_dir) as stage:
         rows = _write(stage, cm, run, plan, dtype, names, Steps(console), console)
         stage.commit()
+    gguf_base = cm.source.get("path") if cm.source.get("kind") == "gguf" else None
+    del cm
+    fidelity.release()
     print_summary(console, rows, name, gguf)
+    entries = {}
+    if ref is not None:
+        entries = fidelity.check_exports(out_dir, names, ref, plan, mode, gguf_base, console)
+    fidelity.record(out_dir, entries, list(names.values()))
     return rows
 
 
