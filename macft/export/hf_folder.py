@@ -76,15 +76,22 @@ def hf_tensors(model, dtype) -> tuple[Iterator, int]:
     return params(), count
 
 
+def _eos(ids) -> dict:
+    """eos_token_id as HF writes it: one id, or the list of them."""
+    ids = sorted(ids)
+    return {"eos_token_id": ids[0] if len(ids) == 1 else ids} if ids else {}
+
+
+def _ids(value) -> set:
+    return {value} if isinstance(value, int) else {v for v in value or [] if isinstance(v, int)}
+
+
 def token_ids(tokenizer) -> dict:
     """bos/eos/pad ids as config.json and generation_config.json name them."""
     hf = getattr(tokenizer, "_tokenizer", tokenizer)
-    eos = sorted(getattr(tokenizer, "eos_token_ids", None) or {hf.eos_token_id} - {None})
+    eos = set(getattr(tokenizer, "eos_token_ids", None) or _ids(hf.eos_token_id))
     ids = {"bos_token_id": hf.bos_token_id, "pad_token_id": hf.pad_token_id}
-    ids = {k: v for k, v in ids.items() if v is not None}
-    if eos:
-        ids["eos_token_id"] = eos[0] if len(eos) == 1 else eos
-    return ids
+    return {**{k: v for k, v in ids.items() if v is not None}, **_eos(eos)}
 
 
 def hf_config(config: dict, dtype: str, tokenizer) -> dict:
@@ -97,15 +104,27 @@ def hf_config(config: dict, dtype: str, tokenizer) -> dict:
     return out
 
 
+def generation_config(config: dict, source: dict) -> dict:
+    """The base folder's generation_config.json (its sampling defaults), if it had one, with
+    the run's token ids; it stops on the end tokens of both."""
+    path = Path(source["path"]) / "generation_config.json" if source.get("path") else None
+    try:
+        own = json.loads(path.read_text(encoding="utf-8")) if path and path.is_file() else {}
+    except (OSError, ValueError, RecursionError):
+        own = {}  # a damaged file: the ids alone still make a working one
+    own = own if isinstance(own, dict) else {}
+    ids = {k: config[k] for k in ("bos_token_id", "pad_token_id") if k in config}
+    eos = _ids(own.get("eos_token_id")) | _ids(config.get("eos_token_id"))
+    return {**own, **ids, **_eos(eos)}
+
+
 def write_hf_folder(folder: Path, base, dtype: str, progress=None) -> int:
     """The base with its adapters merged as an HF folder, one tensor at a time (the model
     empties as it goes); how many tensors."""
     config = hf_config(base.config, dtype, base.tokenizer)
     params, count = hf_tensors(base.model, DTYPES[dtype])
     write_mlx_files(folder, params, count, config, base.tokenizer, {}, progress=progress)
-    generation = {
-        k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config
-    }
+    generation = generation_config(config, base.source or {})
     text = json.dumps(generation, indent=2, sort_keys=True) + "\n"
     (Path(folder) / "generation_config.json").write_text(text)
     return count

@@ -32,12 +32,14 @@ from macft.errors import ExportError
 from macft.export.hf_folder import check_hf, write_hf_folder
 from macft.lora.apply import apply_lora, lora_layers
 from macft.models import Base, mlx_lm_compat
+from macft.runs.model import load_run_model
 
 X = [[5, 17, 42, 99, 3, 250, 7, 64, 11, 130, 21, 8]]
 # float32 on both sides: only the order of summation differs (measured: ~1e-6 on logits ~3)
 F32_TOL = 1e-4
 ADAPTED = 1e-3  # the adapters must move the logits by more than this, or nothing is tested
 TEXT = "show bgp summary in junos? <|im_start|>héllo"
+GENERATION = {"temperature": 0.3, "eos_token_id": 0}
 
 QA = [
     ("show bgp summary in junos?", "show bgp summary"),
@@ -54,6 +56,8 @@ def runs(tmp_path_factory):
     """A float32 HF folder, a GGUF of another tiny llama, and LoRA/DoRA runs trained on them."""
     root = tmp_path_factory.mktemp("hf")
     model_dir = save_tiny_model_dir(root / "tiny")
+    # its sampling defaults and a second end token, which the HF export keeps
+    (model_dir / "generation_config.json").write_text(json.dumps(GENERATION))
     gguf = write_gguf(root / "tiny.gguf", build_tiny_model(seed=3), TINY_CONFIG)
     data = write_chat(root / "net.jsonl", 16, QA)
     return {
@@ -113,7 +117,11 @@ def test_hf_folder_gives_the_fused_logits_in_transformers(runs, kind, tmp_path):
     assert config["dtype"] == config["torch_dtype"] == "float32"
     assert "quantization" not in config and "quantization_config" not in config
     generation = json.loads((folder / "generation_config.json").read_text())
-    assert generation["eos_token_id"] == model.generation_config.eos_token_id == 2
+    assert generation["eos_token_id"] == model.generation_config.eos_token_id
+    if kind == "gguf":
+        assert generation == {"bos_token_id": 0, "eos_token_id": 2}  # the GGUF's ids
+    else:  # the HF base's sampling defaults, and both end tokens
+        assert generation["temperature"] == 0.3 and generation["eos_token_id"] == [0, 2]
 
 
 def test_hf_folder_default_dtype_and_tokenizer(runs, tmp_path):
@@ -129,7 +137,7 @@ def test_hf_folder_default_dtype_and_tokenizer(runs, tmp_path):
 
     theirs = AutoTokenizer.from_pretrained(str(folder))
     ours = mlx_lm_compat.load_folder_tokenizer(folder)  # what mlx-lm reads from the same files
-    run_tok = mlx_lm.load(str(runs["base"]))[1]
+    run_tok = load_run_model(str(runs["gguf"])).tokenizer  # built from the GGUF's metadata
     assert theirs.chat_template == CHATML
     assert theirs.encode(TEXT) == run_tok.encode(TEXT) == ours.encode(TEXT)
     assert theirs.convert_ids_to_tokens(2) == "<|im_end|>" and theirs.eos_token_id == 2
@@ -158,6 +166,11 @@ ARCHS = {
     "gemma3_text": {**DENSE, "model_type": "gemma3_text", "head_dim": 16,
                     "query_pre_attn_scalar": 16, "sliding_window": 4,
                     "sliding_window_pattern": 2, "tie_word_embeddings": True},
+    "gemma2": {**DENSE, "model_type": "gemma2", "head_dim": 16, "query_pre_attn_scalar": 16,
+               "tie_word_embeddings": True},  # soft-capped logits
+    "qwen2_moe": {**DENSE, "model_type": "qwen2_moe", "num_experts": 4, "num_experts_per_tok": 2,
+                  "moe_intermediate_size": 32, "shared_expert_intermediate_size": 64,
+                  "decoder_sparse_step": 1, "mlp_only_layers": []},  # a shared expert too
 }  # fmt: skip
 
 
@@ -216,6 +229,19 @@ def test_hf_with_options_it_cannot_take_is_one_line(runs, args, needle, tmp_path
 # --- --peft: the adapters in transformers + peft, on the float base -----------------------
 
 
+def dora_rescale(model) -> float:
+    """The most DoRA rescales a row of a merged weight: max |m / ||W + s B A|| - 1|."""
+    worst = 0.0
+    for module in model.modules():
+        if not getattr(module, "lora_magnitude_vector", None):
+            continue
+        a, b = module.lora_A["default"].weight, module.lora_B["default"].weight
+        merged = module.base_layer.weight + module.scaling["default"] * b @ a
+        m = module.lora_magnitude_vector["default"].weight
+        worst = max(worst, (m / merged.norm(dim=1) - 1).abs().max().item())
+    return worst
+
+
 @pytest.mark.parametrize("kind", ["lora", "dora"])
 def test_peft_folder_on_the_float_base_gives_the_fused_logits(runs, kind, tmp_path):
     """PEFT's LoRA (DoRA: use_dora) over the HF float base computes macft's fused model."""
@@ -227,6 +253,8 @@ def test_peft_folder_on_the_float_base_gives_the_fused_logits(runs, kind, tmp_pa
     assert max_diff(torch_logits(base), expected) > ADAPTED
     model = PeftModel.from_pretrained(base, str(out / "peft")).eval()
     assert model.peft_config["default"].use_dora == (kind == "dora")
+    if kind == "dora":  # the magnitudes are not the merged rows' norms: DoRA is tested, not LoRA
+        assert dora_rescale(model) > ADAPTED
     got = torch_logits(model)
     print(f"PEFT {kind}: max |logit diff| vs macft's fused model {max_diff(got, expected):.2e}")
     assert max_diff(got, expected) < F32_TOL
