@@ -1,4 +1,4 @@
-"""`macft fuse`: a run's adapters merged into its base, as an MLX folder, a GGUF or PEFT."""
+"""`macft fuse`: a run's adapters merged into its base, as an MLX or HF folder, a GGUF or PEFT."""
 
 import click
 
@@ -31,6 +31,11 @@ from macft.export.gguf import QTYPES
     "--adapter-only", is_flag=True, help="Export the adapters alone (with --gguf or --peft)."
 )
 @click.option("--peft", is_flag=True, help="Write a PEFT adapter folder (HF names, lora_alpha).")
+@click.option(
+    "--hf",
+    is_flag=True,
+    help="Write the fused model as a Hugging Face folder (transformers, vLLM).",
+)
 @click.option("--checkpoint", "-c", help="best or step-N (default: the final adapters).")
 @click.option(
     "--base-weights",
@@ -57,7 +62,7 @@ from macft.export.gguf import QTYPES
 )
 def command(
     run, out, dtype, quantize, gguf, quant, adapter_only, peft, checkpoint, base_weights, name,
-    force, check, no_check, check_data,
+    force, hf, check, no_check, check_data,
 ):  # fmt: skip
     """Merge a run's adapters into its base: an MLX folder, a GGUF + Modelfile, or PEFT.
 
@@ -66,6 +71,7 @@ def command(
     macft fuse runs/net --gguf --quant q4_k_m
     macft fuse runs/net --adapter-only --gguf
     macft fuse runs/net --peft
+    macft fuse runs/net --hf
 
     Each export is then compared with the adapters on a few held-out examples (GGUF files in
     llama.cpp): next-token agreement, held-out loss, greedy answers; a warning says when an
@@ -87,6 +93,7 @@ def command(
         name,
         console(soft_wrap=True),  # paths and commands stay whole, ready to copy
         force,
-        None if no_check else check,
-        check_data,
+        hf=hf,
+        check=None if no_check else check,
+        check_data=check_data,
     )

@@ -59,10 +59,14 @@ class Side:
 
 
 def _cut(ex: Example) -> Example:
-    """At most MAX_TARGETS answer tokens: the rest of a long answer adds time, not evidence."""
+    """The last MAX_TARGETS answer tokens: more add time, not evidence (llama.cpp scores one
+    token per request), and a text line's answer is at its end."""
     where = np.flatnonzero(ex.mask)
-    end = int(where[MAX_TARGETS - 1]) + 1 if len(where) > MAX_TARGETS else len(ex.ids)
-    return Example(ex.ids[:end], ex.mask[:end])
+    if len(where) <= MAX_TARGETS:
+        return ex
+    mask = ex.mask.copy()
+    mask[: where[-MAX_TARGETS]] = False
+    return Example(ex.ids, mask)
 
 
 def sample(run: RunDir, tokenizer, n: int, data: str | None = None) -> Sample:
@@ -304,7 +308,7 @@ def peft_line(name: str, r: dict) -> str:
 
 def export_side(kind: str, path: Path, ref: Reference, gguf_base: str | None) -> Side:
     """Load one export as its consumer does and score the sample with it."""
-    if kind == "mlx":
+    if kind in ("mlx", "hf"):  # mlx_lm reads a Hugging Face folder too
         import mlx_lm
 
         model, tokenizer = mlx_lm.load(str(path))

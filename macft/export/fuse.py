@@ -1,4 +1,5 @@
-"""The fuse command: run folder -> base + adapters -> fused MLX folder, GGUF + Modelfile, or PEFT."""
+"""The fuse command: run folder -> base + adapters -> fused MLX or HF folder, GGUF + Modelfile,
+or PEFT."""
 
 import json
 from pathlib import Path
@@ -18,6 +19,7 @@ from macft.export.outputs import (
     print_summary,
     write_adapter_gguf,
     write_gguf,
+    write_hf,
     write_mlx,
     write_modelfile,
     write_peft_folder,
@@ -53,6 +55,17 @@ def _check_options(gguf, quant, adapter_only, peft, quantize, dtype) -> None:
         )
     if quantize and peft:
         raise ExportError("--quantize is for the fused MLX folder; --peft writes adapters only")
+
+
+def _check_hf(hf, gguf, quantize, adapter_only) -> None:
+    if hf and gguf:
+        raise ExportError("--hf and --gguf are two exports of the fused model; run fuse once each")
+    if hf and quantize:
+        raise ExportError(
+            "--hf writes float weights (--dtype f16|bf16|f32); --quantize is for the MLX folder"
+        )
+    if hf and adapter_only:
+        raise ExportError("--hf writes the fused model; for the adapters alone use --peft")
 
 
 def _open_run(run_arg: str, base_weights: str | None) -> RunDir:
@@ -123,6 +136,8 @@ def _estimate(n_params: int, n_adapter: int, plan: dict) -> int:
         bits, dtype_bytes = plan.get("quantize"), plan["dtype_bytes"]
         per = bits / 8 + 2 * dtype_bytes / REQUANT_GROUP if bits else dtype_bytes
         need += n_params * per
+    if plan.get("hf"):
+        need += n_params * plan["dtype_bytes"]
     if plan.get("gguf"):
         need += n_params * GGUF_BPW[plan["gguf"]]
     need += n_adapter * 4 * (plan.get("peft", 0) + plan.get("adapter_gguf", 0))
@@ -156,17 +171,19 @@ def run_fuse(
     name: str | None = None,
     console: Console | None = None,
     force: bool = False,
+    hf: bool = False,
     check: int | None = CHECK_EXAMPLES,
     check_data: str | None = None,
 ) -> list[dict]:
     console = console or make_console(soft_wrap=True)
     _check_options(gguf, quant, adapter_only, peft, quantize, dtype)
+    _check_hf(hf, gguf, quantize, adapter_only)
     run = _open_run(run_arg, base_weights)
     name = ollama.check_name(name or ollama.default_name(run.path))
     out_dir = Path(out).expanduser() if out else run.path / "export"
     quant = quant or "f16"
-    fused_wanted = not adapter_only and (gguf or not peft)
-    names = output_names(gguf, quant, adapter_only, peft, fused_wanted, name)
+    fused_wanted = not adapter_only and (gguf or hf or not peft)
+    names = output_names(gguf, quant, adapter_only, peft, fused_wanted, name, hf)
     own = [*names.values(), fidelity.FILE]
     check_replaceable(out_dir, own, own=out is None, force=force)
     mode, path = choose_base(run, base_weights)
@@ -185,6 +202,10 @@ def run_fuse(
         from macft.export.gguf.layout import resolve
 
         resolve(cm.model, cm.config)  # an architecture GGUF cannot hold: say so before any work
+    if hf:
+        from macft.export.hf_folder import check_hf
+
+        check_hf(cm.config)  # likewise for transformers
     for note in cm.notes:
         console.print(f"[yellow]note:[/] {escape(note)}")
     layers = lora_layers(cm.model)
@@ -198,7 +219,8 @@ def run_fuse(
 
     dtype = dtype or default_dtype(quant, cm.config, cm.source if mode == "float" else {})
     plan = {
-        "mlx": fused_wanted and not gguf,
+        "mlx": fused_wanted and not gguf and not hf,
+        "hf": fused_wanted and hf,
         "quantize": quantize,
         "dtype_bytes": mx.zeros((), DTYPES[dtype]).itemsize,
         "gguf": quant if gguf and fused_wanted else None,
@@ -222,14 +244,15 @@ def run_fuse(
     return rows
 
 
-def output_names(gguf, quant, adapter_only, peft, fused, name: str) -> dict[str, str]:
+def output_names(gguf, quant, adapter_only, peft, fused, name: str, hf=False) -> dict[str, str]:
     """What an export writes in its folder, by kind: known before anything loads."""
     slug = name.split("/")[-1].split(":")[0]
     names = {"peft": "peft"} if peft else {}
     if gguf and adapter_only:
         names["adapter_gguf"] = f"{slug}-lora.gguf"
     if fused:
-        names.update({"gguf": f"{slug}-{quant}.gguf"} if gguf else {"mlx": "mlx"})
+        folder = "hf" if hf else "mlx"
+        names.update({"gguf": f"{slug}-{quant}.gguf"} if gguf else {folder: folder})
     if gguf:
         names["modelfile"] = "Modelfile"
     return names
@@ -252,6 +275,8 @@ def _write(stage: Staging, cm, run: RunDir, plan: dict, dtype: str, names: dict,
         rows.append(row)
     elif plan["mlx"]:
         rows.append(write_mlx(stage, cm, dtype, plan["quantize"], steps))
+    elif plan.get("hf"):
+        rows.append(write_hf(stage, cm, dtype, steps))
     if plan["gguf"] or plan["adapter_gguf"]:
         row = write_modelfile(stage, cm, modelfile_from, modelfile_adapter, console)
         rows += [row] if row else []
