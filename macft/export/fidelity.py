@@ -11,6 +11,7 @@ user is told so, with what to try. Results go to export/fidelity.json (macft rep
 import contextlib
 import gc
 import math
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -311,7 +312,12 @@ def export_side(kind: str, path: Path, ref: Reference, gguf_base: str | None) ->
     if kind in ("mlx", "hf"):  # mlx_lm reads a Hugging Face folder too
         import mlx_lm
 
-        model, tokenizer = mlx_lm.load(str(path))
+        # mlx_lm globs the folder's path: a name with [ or * in it finds no weights, so it
+        # is read through a link of a plain name
+        with tempfile.TemporaryDirectory() as tmp:
+            link = Path(tmp) / "export"
+            link.symlink_to(path.resolve(), target_is_directory=True)
+            model, tokenizer = mlx_lm.load(str(link))
         try:
             return mlx_side(model, tokenizer, ref.sample)
         finally:
@@ -371,6 +377,10 @@ def check_exports(out: Path, written: dict, ref: Reference, plan: dict, merged_i
                     r = compare(side, ref.adapters, ref.base)
         except MacftError as e:
             console.print(f"[yellow]note:[/] {escape(name)} not checked: {escape(str(e))}")
+            continue
+        except Exception as e:  # the export is written and good: a failed check must not hide it
+            why = f"{type(e).__name__}: {e}"
+            console.print(f"[yellow]note:[/] {escape(name)} not checked ({escape(why)})")
             continue
         tips = advice(kind, r, plan, merged_into)
         entries[name] = entry(kind, r, ref.sample, ref.checkpoint, tips)
