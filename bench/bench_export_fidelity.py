@@ -8,10 +8,12 @@ For each GGUF type the run is fused (`macft fuse --gguf --quant Q`, into a temp 
 run by llama.cpp on the held-out lines (default ../shared/data/wikisql/valid.jsonl): its loss
 on each line's last answer tokens (the fidelity check's sample: the question's end and the SQL),
 greedy answers scored by exact match against the true SQL, and how often its next token and
-its greedy answer are the adapters'. The base and the adapters are scored the same way in MLX.
+its greedy answer are the adapters'. The base and the adapters are scored the same way in MLX; and, for a run
+on a GGUF base, the adapters as a GGUF LoRA on that very file (`macft fuse --adapter-only --gguf`).
 """
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -45,6 +47,10 @@ def main():
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--limit", type=int, default=100)
     ap.add_argument("--quants", nargs="+", default=["f16", "q8_0", "q4_k_m"])
+    ap.add_argument(
+        "--no-adapter", dest="adapter", action="store_false",
+        help="skip the GGUF LoRA on the run's own base GGUF",
+    )  # fmt: skip
     args = ap.parse_args()
 
     start = time.time()
@@ -55,21 +61,33 @@ def main():
     tokenizer = cm.tokenizer
     del cm
     fidelity.release()
-    print(f"{s.source}; {len(s.cases)} answers; MLX scored in {time.time() - start:.0f} s")
+    print(
+        f"{s.source}; {len(s.cases)} answers; MLX scored in {time.time() - start:.0f} s",
+        flush=True,
+    )
     rows = [row("base (MLX)", base, s), row("adapters (MLX)", adapters, s, adapters)]
     quiet = make_console(quiet=True)
-    for quant in args.quants:
+    source = json.loads((Path(args.run) / "base.json").read_text())
+    lora_on = [None] if source.get("kind") == "gguf" and args.adapter else []
+    for quant in [*args.quants, *lora_on]:
         t = time.time()
         with tempfile.TemporaryDirectory() as tmp:
-            run_fuse(args.run, tmp, gguf=True, quant=quant, check=None, console=quiet)
-            (gguf,) = Path(tmp).glob("*.gguf")
-            llama = LlamaCpp(gguf, n_ctx=1024)
+            if quant is None:  # the adapters as a GGUF LoRA on the base GGUF the run trained on
+                run_fuse(args.run, tmp, gguf=True, adapter_only=True, check=None, console=quiet)
+                (lora,) = Path(tmp).glob("*-lora.gguf")
+                llama = LlamaCpp(Path(source["path"]), lora=lora, n_ctx=1024)
+                name = f"{Path(source['path']).name} + GGUF LoRA (llama.cpp)"
+            else:
+                run_fuse(args.run, tmp, gguf=True, quant=quant, check=None, console=quiet)
+                (gguf,) = Path(tmp).glob("*.gguf")
+                llama = LlamaCpp(gguf, n_ctx=1024)
+                name = f"GGUF {quant} (llama.cpp)"
             side = fidelity.llamacpp_side(llama, tokenizer, s)
             llama.close()
         r = fidelity.compare(side, adapters, base)
         kept = "-" if r["kept"] is None else f"{r['kept']:.0%}"
-        rows.append([*row(f"GGUF {quant} (llama.cpp)", side, s, adapters), kept])
-        print(f"{quant}: {time.time() - t:.0f} s")
+        rows.append([*row(name, side, s, adapters), kept])
+        print(f"{name}: {time.time() - t:.0f} s", flush=True)
     head = ["model", "loss", "exact SQL", "next token = adapters'", "greedy = adapters'", "kept"]
     widths = [max(len(str(r[i])) if i < len(r) else 0 for r in [head, *rows]) for i in range(6)]
     for r in [head, *rows]:

@@ -78,6 +78,7 @@ def sample(run: RunDir, tokenizer, n: int, data: str | None = None) -> Sample:
     path = data or d.get("path")
     fraction = 0.0 if data else d.get("valid_fraction", DataConfig.valid_fraction)
     records, fmt, source = held_out_records(path, fraction, t.get("seed", TrainConfig.seed))
+    source = f"--check-data {data}" if data else source
     if fmt == "preference":  # the chosen answers: what preference tuning moved towards
         records, fmt = chosen_records(records)
     records = records[:n]

@@ -140,7 +140,7 @@ def test_missing_data_is_a_note_and_check_data_replaces_it(run, tmp_path):
     assert not (moved / "export" / fidelity.FILE).exists()
     out = fuse(moved, "--dtype", "f32", "--check-data", data, "--check", "3")
     e = entries(moved / "export")["mlx"]
-    assert e["examples"] == 3 and "training lines" in e["source"]
+    assert e["examples"] == 3 and e["source"] == f"3 examples, --check-data {data}"
 
 
 def test_bad_check_count_is_one_line(run):
