@@ -193,12 +193,12 @@ def warning(name: str, r: dict, tips: list[str]) -> str:
     )
 
 
-def entry(kind: str, r: dict, s: Sample, checkpoint: str | None, tips: list[str]) -> dict:
+def entry(kind: str, r: dict, s: Sample | None, checkpoint: str | None, tips: list[str]) -> dict:
     return {
         "kind": kind,
         **r,
-        "examples": len(s.examples),
-        "source": s.source,
+        "examples": len(s.examples) if s else 0,
+        "source": s.source if s else "the adapters' tensors",
         "checkpoint": checkpoint or "final",
         "checked": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "advice": tips if r["lost"] else [],
@@ -238,26 +238,31 @@ class Reference:
     """The run's base + adapters (and the base alone) on the sample, computed before the
     export is written: the yardstick every export is held against."""
 
-    sample: Sample
-    adapters: Side
-    base: Side
+    sample: Sample | None  # None: only a PEFT folder to check, nothing to score
+    adapters: Side | None
+    base: Side | None
     tokenizer: object
     checkpoint: str | None
     weights: dict  # the adapters as saved, mlx-lm's names: the PEFT check's reference
     scale: float
 
 
-def reference(run: RunDir, checkpoint: str | None, n: int, data: str | None) -> Reference:
-    """Load the run as chat does, score the sample with and without its adapters, let go."""
+def reference(
+    run: RunDir, checkpoint: str | None, n: int, data: str | None, score: bool = True
+) -> Reference:
+    """Load the run as chat does, score the sample with and without its adapters, let go.
+    score=False: the adapters' tensors alone (all a PEFT folder is checked against)."""
     from macft.runs.model import load_run_model, read_adapters
 
+    ra = read_adapters(run, None, checkpoint)
+    if not score:
+        return Reference(None, None, None, None, checkpoint, ra.weights, ra.scale)
     cm = load_run_model(str(run.path), None, checkpoint)
     s = sample(run, cm.tokenizer, n, data)
     if not s.examples:
         raise MacftError(f"{s.source}: no example keeps an answer token; give --check-data FILE")
     adapters = mlx_side(cm.model, cm.tokenizer, s, lora=True)
     base = mlx_side(cm.model, cm.tokenizer, s, lora=False, answers=False)
-    ra = read_adapters(run, None, checkpoint)
     tokenizer = cm.tokenizer
     del cm
     release()
@@ -342,14 +347,17 @@ def export_side(kind: str, path: Path, ref: Reference, gguf_base: str | None) ->
 MARGIN_TOKENS = 128  # room in llama.cpp's context for a greedy answer past the prompt
 
 
-def prepare(run: RunDir, checkpoint, n: int | None, data: str | None, console) -> Reference | None:
-    """The reference, or None (told why) when the check is off or cannot run: the export
-    itself goes ahead either way."""
+def prepare(
+    run: RunDir, checkpoint, n: int | None, data: str | None, kinds, console
+) -> Reference | None:
+    """The reference for exports of these kinds, or None (told why) when the check is off or
+    cannot run: the export itself goes ahead either way."""
     if not n:
         return None
+    score = bool(set(kinds) - {"peft", "modelfile"})
     try:
         with console.status(f"scoring {n} held-out examples with the adapters and the base ..."):
-            return reference(run, checkpoint, n, data)
+            return reference(run, checkpoint, n, data, score)
     except MacftError as e:
         console.print(
             f"[yellow]note:[/] no fidelity check: {escape(str(e))} (--check-data FILE checks on "

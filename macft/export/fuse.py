@@ -193,7 +193,7 @@ def run_fuse(
     device.limit_cache(EXPORT_CACHE_BYTES)
     # The yardstick first, from the run as chat loads it, then let go: the export's own
     # model never shares memory with it.
-    ref = fidelity.prepare(run, checkpoint, check, check_data, console)
+    ref = fidelity.prepare(run, checkpoint, check, check_data, names, console)
     with console.status("loading the base and the adapters ..."):
         cm = load_run_model(
             str(run.path), str(path) if path else None, checkpoint, _loader(mode, path, run)
