@@ -33,7 +33,7 @@ from macft.runs.folder import RunDir
 FILE = "fidelity.json"
 MAX_TARGETS = 64  # answer tokens scored per example (llama.cpp scores them one by one)
 KEPT_WARN = 0.5  # below: the export's loss is closer to the base's than to the adapters'
-MIN_GAIN = 0.01  # nats: adapters that gain less than this over the base have nothing to lose
+MIN_GAIN = 0.05  # nats: below, "kept" would be a ratio of rounding noise (1 step: 0.01)
 SPLIT_ON = "A: "  # text data: the greedy answer starts after this (as macft eval's default)
 
 
@@ -121,9 +121,11 @@ def llamacpp_side(llama, tokenizer, s: Sample) -> Side:
         keep = ex.mask[first:][: len(lp)]  # answer tokens only, not a turn's template between
         logps.append(np.array(lp)[keep])
         tops.append(np.array(top)[keep])
-    answers = []
+    answers, eos = [], set(tokenizer.eos_token_ids)
     for c in s.cases:
         ids = llama.greedy(c.prompt_ids, answer_budget(tokenizer, c))
+        # llama.cpp hands back the end-of-turn token it stopped at; mlx_lm does not
+        ids = ids[: next((i for i, t in enumerate(ids) if t in eos), len(ids))]
         answers.append(finish_answer(tokenizer.decode(ids), c))
     return Side(logps, tops, answers)
 
