@@ -173,6 +173,10 @@ def advice(kind: str, r: dict, plan: dict, merged_into: str) -> list[str]:
         tips.append("--dtype bf16 (float16 overflows this model's activations: NaN or inf)")
     if kind == "gguf" and plan.get("gguf") not in ("f16", "bf16", "f32", "q8_0"):
         tips.append("--quant q8_0 (re-quantizing to 4 bits rounds away small changes)")
+        tips.append(
+            "--adapter-only --gguf: the adapters kept in f16 beside a 4-bit base GGUF "
+            "(llama.cpp --lora, Ollama ADAPTER)"
+        )
     if kind == "mlx" and plan.get("quantize") == 4:
         tips.append("--quantize 8, or no --quantize")
     if merged_into == "quantized":
