@@ -127,6 +127,24 @@ def train_with_cli(model_dir, data, out, settings: dict, *sets: str) -> Path:
     return out
 
 
+def train_for_fuse(model_dir, data, out, *sets: str) -> Path:
+    """A tiny run for the export tests: 4 steps at a high rate (adapters far from zero), a
+    checkpoint every 2, a system prompt for the Modelfile; `sets` on top."""
+    settings = {
+        "train.batch_size": 4,
+        "train.iters": 4,
+        "train.grad_checkpoint": "false",
+        "train.learning_rate": "2.0e-2",
+        "train.warmup": 0,
+        "train.eval_every": 0,
+        "train.save_every": 2,
+        "lora.rank": 4,
+        "lora.dropout": 0.0,
+        "data.system": "You are a network engineer.",
+    }
+    return train_with_cli(model_dir, data, out, settings, *sets)
+
+
 # from test_cli.py
 QA = [
     ("show bgp summary in junos?", "show bgp summary"),

@@ -1,8 +1,9 @@
-"""`macft fuse`: a run's adapters merged into its base, as an MLX folder, a GGUF or PEFT."""
+"""`macft fuse`: a run's adapters merged into its base, as an MLX or HF folder, a GGUF or PEFT."""
 
 import click
 
 from macft.cli.options import computes, console
+from macft.export import CHECK_EXAMPLES
 from macft.export.gguf import QTYPES
 
 
@@ -30,6 +31,11 @@ from macft.export.gguf import QTYPES
     "--adapter-only", is_flag=True, help="Export the adapters alone (with --gguf or --peft)."
 )
 @click.option("--peft", is_flag=True, help="Write a PEFT adapter folder (HF names, lora_alpha).")
+@click.option(
+    "--hf",
+    is_flag=True,
+    help="Write the fused model as a Hugging Face folder (transformers, vLLM).",
+)
 @click.option("--checkpoint", "-c", help="best or step-N (default: the final adapters).")
 @click.option(
     "--base-weights",
@@ -40,9 +46,23 @@ from macft.export.gguf import QTYPES
 @click.option(
     "--force", is_flag=True, help="Replace files in --out that macft did not write there."
 )
+@click.option(
+    "--check",
+    type=click.IntRange(min=1),
+    default=CHECK_EXAMPLES,
+    show_default=True,
+    metavar="N",
+    help="After writing, compare each export with the adapters on N held-out examples.",
+)
+@click.option("--no-check", is_flag=True, help="Skip the comparison.")
+@click.option(
+    "--check-data",
+    type=click.Path(dir_okay=True),
+    help="Compare on these examples (.jsonl or a folder) instead of the run's held-out data.",
+)
 def command(
     run, out, dtype, quantize, gguf, quant, adapter_only, peft, checkpoint, base_weights, name,
-    force,
+    force, hf, check, no_check, check_data,
 ):  # fmt: skip
     """Merge a run's adapters into its base: an MLX folder, a GGUF + Modelfile, or PEFT.
 
@@ -51,6 +71,11 @@ def command(
     macft fuse runs/net --gguf --quant q4_k_m
     macft fuse runs/net --adapter-only --gguf
     macft fuse runs/net --peft
+    macft fuse runs/net --hf
+
+    Each export is then compared with the adapters on a few held-out examples (GGUF files in
+    llama.cpp): next-token agreement, held-out loss, greedy answers; a warning says when an
+    export lost the fine-tune. Written to export/fidelity.json.
     """
     from macft.export.fuse import run_fuse
 
@@ -68,4 +93,7 @@ def command(
         name,
         console(soft_wrap=True),  # paths and commands stay whole, ready to copy
         force,
+        hf=hf,
+        check=None if no_check else check,
+        check_data=check_data,
     )

@@ -124,6 +124,16 @@ def _records(train_file: Path, valid_file: Path | None, fraction: float, seed: i
     return [records[i] for i in train_idx], [records[i] for i in valid_idx], fmt, source
 
 
+def held_out_records(path, fraction: float, seed: int) -> tuple[list[dict], str, str]:
+    """(records, format, where from): the validation lines of a data path as training split
+    them, or its training lines when it has none."""
+    train_file, valid_file = _find_files(Path(path))
+    train, valid, fmt, source = _records(train_file, valid_file, fraction, seed)
+    if valid:
+        return [rec for _, _, rec in valid], fmt, f"validation: {source}"
+    return [rec for _, _, rec in train], fmt, f"training lines of {train_file} (no validation)"
+
+
 def _too_long(file, what: str, max_seq_length: int, longest: int) -> DataError:
     return DataError(
         f"{file}: every {what} example is longer than data.max_seq_length={max_seq_length} "

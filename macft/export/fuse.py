@@ -1,4 +1,5 @@
-"""The fuse command: run folder -> base + adapters -> fused MLX folder, GGUF + Modelfile, or PEFT."""
+"""The fuse command: run folder -> base + adapters -> fused MLX or HF folder, GGUF + Modelfile,
+or PEFT."""
 
 import json
 from pathlib import Path
@@ -10,7 +11,7 @@ from rich.markup import escape
 from macft import device
 from macft.console import make_console
 from macft.errors import ExportError, ModelError, RunError
-from macft.export import ollama
+from macft.export import CHECK_EXAMPLES, fidelity, ollama
 from macft.export.merge import DTYPES, REQUANT_GROUP, float_source, load_float_base
 from macft.export.outputs import (
     Steps,
@@ -18,6 +19,7 @@ from macft.export.outputs import (
     print_summary,
     write_adapter_gguf,
     write_gguf,
+    write_hf,
     write_mlx,
     write_modelfile,
     write_peft_folder,
@@ -53,6 +55,17 @@ def _check_options(gguf, quant, adapter_only, peft, quantize, dtype) -> None:
         )
     if quantize and peft:
         raise ExportError("--quantize is for the fused MLX folder; --peft writes adapters only")
+
+
+def _check_hf(hf, gguf, quantize, adapter_only) -> None:
+    if hf and gguf:
+        raise ExportError("--hf and --gguf are two exports of the fused model; run fuse once each")
+    if hf and quantize:
+        raise ExportError(
+            "--hf writes float weights (--dtype f16|bf16|f32); --quantize is for the MLX folder"
+        )
+    if hf and adapter_only:
+        raise ExportError("--hf writes the fused model; for the adapters alone use --peft")
 
 
 def _open_run(run_arg: str, base_weights: str | None) -> RunDir:
@@ -123,6 +136,8 @@ def _estimate(n_params: int, n_adapter: int, plan: dict) -> int:
         bits, dtype_bytes = plan.get("quantize"), plan["dtype_bytes"]
         per = bits / 8 + 2 * dtype_bytes / REQUANT_GROUP if bits else dtype_bytes
         need += n_params * per
+    if plan.get("hf"):
+        need += n_params * plan["dtype_bytes"]
     if plan.get("gguf"):
         need += n_params * GGUF_BPW[plan["gguf"]]
     need += n_adapter * 4 * (plan.get("peft", 0) + plan.get("adapter_gguf", 0))
@@ -156,21 +171,29 @@ def run_fuse(
     name: str | None = None,
     console: Console | None = None,
     force: bool = False,
+    hf: bool = False,
+    check: int | None = CHECK_EXAMPLES,
+    check_data: str | None = None,
 ) -> list[dict]:
     console = console or make_console(soft_wrap=True)
     _check_options(gguf, quant, adapter_only, peft, quantize, dtype)
+    _check_hf(hf, gguf, quantize, adapter_only)
     run = _open_run(run_arg, base_weights)
     name = ollama.check_name(name or ollama.default_name(run.path))
     out_dir = Path(out).expanduser() if out else run.path / "export"
     quant = quant or "f16"
-    fused_wanted = not adapter_only and (gguf or not peft)
-    names = output_names(gguf, quant, adapter_only, peft, fused_wanted, name)
-    check_replaceable(out_dir, list(names.values()), own=out is None, force=force)
+    fused_wanted = not adapter_only and (gguf or hf or not peft)
+    names = output_names(gguf, quant, adapter_only, peft, fused_wanted, name, hf)
+    own = [*names.values(), fidelity.FILE]
+    check_replaceable(out_dir, own, own=out is None, force=force)
     mode, path = choose_base(run, base_weights)
     console.print(f"[bold]macft fuse[/] {escape(str(run.path))} -> {escape(str(out_dir))}")
     # Loading and merging free one float matrix after another: MLX would keep each for reuse
     # (its buffer cache), and an export needs memory more than it needs the reuse.
     device.limit_cache(EXPORT_CACHE_BYTES)
+    # The yardstick first, from the run as chat loads it, then let go: the export's own
+    # model never shares memory with it.
+    ref = fidelity.prepare(run, checkpoint, check, check_data, names, console)
     with console.status("loading the base and the adapters ..."):
         cm = load_run_model(
             str(run.path), str(path) if path else None, checkpoint, _loader(mode, path, run)
@@ -179,6 +202,10 @@ def run_fuse(
         from macft.export.gguf.layout import resolve
 
         resolve(cm.model, cm.config)  # an architecture GGUF cannot hold: say so before any work
+    if hf:
+        from macft.export.hf_folder import check_hf
+
+        check_hf(cm.config)  # likewise for transformers
     for note in cm.notes:
         console.print(f"[yellow]note:[/] {escape(note)}")
     layers = lora_layers(cm.model)
@@ -192,30 +219,40 @@ def run_fuse(
 
     dtype = dtype or default_dtype(quant, cm.config, cm.source if mode == "float" else {})
     plan = {
-        "mlx": fused_wanted and not gguf,
+        "mlx": fused_wanted and not gguf and not hf,
+        "hf": fused_wanted and hf,
         "quantize": quantize,
         "dtype_bytes": mx.zeros((), DTYPES[dtype]).itemsize,
         "gguf": quant if gguf and fused_wanted else None,
         "peft": int(peft),
         "adapter_gguf": int(gguf and adapter_only),
+        "dtype": dtype,
     }
     n_adapter = sum(m.lora_a.size + m.lora_b.size for _, m in layers)
     check_free_space(out_dir, _estimate(parameter_count(cm.model), n_adapter, plan))
     with Staging(out_dir) as stage:
         rows = _write(stage, cm, run, plan, dtype, names, Steps(console), console)
         stage.commit()
+    gguf_base = cm.source.get("path") if cm.source.get("kind") == "gguf" else None
+    del cm
+    fidelity.release()
     print_summary(console, rows, name, gguf)
+    entries = {}
+    if ref is not None:
+        entries = fidelity.check_exports(out_dir, names, ref, plan, mode, gguf_base, console)
+    fidelity.record(out_dir, entries, list(names.values()))
     return rows
 
 
-def output_names(gguf, quant, adapter_only, peft, fused, name: str) -> dict[str, str]:
+def output_names(gguf, quant, adapter_only, peft, fused, name: str, hf=False) -> dict[str, str]:
     """What an export writes in its folder, by kind: known before anything loads."""
     slug = name.split("/")[-1].split(":")[0]
     names = {"peft": "peft"} if peft else {}
     if gguf and adapter_only:
         names["adapter_gguf"] = f"{slug}-lora.gguf"
     if fused:
-        names.update({"gguf": f"{slug}-{quant}.gguf"} if gguf else {"mlx": "mlx"})
+        folder = "hf" if hf else "mlx"
+        names.update({"gguf": f"{slug}-{quant}.gguf"} if gguf else {folder: folder})
     if gguf:
         names["modelfile"] = "Modelfile"
     return names
@@ -238,6 +275,8 @@ def _write(stage: Staging, cm, run: RunDir, plan: dict, dtype: str, names: dict,
         rows.append(row)
     elif plan["mlx"]:
         rows.append(write_mlx(stage, cm, dtype, plan["quantize"], steps))
+    elif plan.get("hf"):
+        rows.append(write_hf(stage, cm, dtype, steps))
     if plan["gguf"] or plan["adapter_gguf"]:
         row = write_modelfile(stage, cm, modelfile_from, modelfile_adapter, console)
         rows += [row] if row else []

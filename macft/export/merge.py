@@ -25,6 +25,7 @@ QUANTIZABLE = (
 )  # fmt: skip
 
 DTYPES = {"f16": mx.float16, "bf16": mx.bfloat16, "f32": mx.float32}
+TORCH_DTYPES = {"f16": "float16", "bf16": "bfloat16", "f32": "float32"}  # config.json's names
 REQUANT_GROUP = 64  # mlx-lm's default group size for --quantize
 
 

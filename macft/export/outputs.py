@@ -1,4 +1,4 @@
-"""Each export output, written into a Staging area: MLX, PEFT, GGUF, GGUF adapter, Modelfile."""
+"""Each export output, written into a Staging area: MLX, HF, PEFT, GGUF, GGUF adapter, Modelfile."""
 
 import json
 import shlex
@@ -13,7 +13,7 @@ from macft.atomic import human
 from macft.console import Column, print_table
 from macft.errors import ExportError, RunError
 from macft.export import ollama
-from macft.export.merge import DTYPES, REQUANT_GROUP
+from macft.export.merge import DTYPES, REQUANT_GROUP, TORCH_DTYPES
 from macft.export.mlx_folder import write_fused
 from macft.export.staging import Staging
 from macft.lora.apply import lora_layers
@@ -107,27 +107,44 @@ def write_peft_folder(stage: Staging, cm, run: RunDir, steps: Steps) -> dict:
     }
 
 
-def write_mlx(stage: Staging, cm, dtype: str, quantize: int | None, steps: Steps) -> dict:
-    """The fused model as an MLX folder, written tensor by tensor in shards; the run's model
-    is consumed (its last use)."""
-    tmp = stage.folder("mlx")
-    config = dict(cm.config)
-    config["torch_dtype"] = {"f16": "float16", "bf16": "bfloat16", "f32": "float32"}[dtype]
-    kind = f"MLX {dtype}"
-    if quantize:
-        kind = f"MLX {quantize}-bit (group {REQUANT_GROUP}, {dtype} scales)"
-    base = Base(model=cm.model, tokenizer=cm.tokenizer, config=config, source=cm.source)
-    tensors, seconds = steps.run(
-        "merging and writing the MLX folder",
-        lambda p: write_fused(tmp, base, DTYPES[dtype], quantize, p, consume=True),
-    )
+def _folder_output(stage: Staging, name: str, kind: str, label: str, work, steps: Steps) -> dict:
+    """A folder output: work(folder, progress) -> tensor count, its summary row."""
+    tmp = stage.folder(name)
+    tensors, seconds = steps.run(label, lambda p: work(tmp, p))
     return {
-        "file": stage.out / "mlx",
+        "file": stage.out / name,
         "size": _folder_size(tmp),
         "type": kind,
         "tensors": tensors,
         "seconds": seconds,
     }
+
+
+def write_mlx(stage: Staging, cm, dtype: str, quantize: int | None, steps: Steps) -> dict:
+    """The fused model as an MLX folder, written tensor by tensor in shards; the run's model
+    is consumed (its last use)."""
+    config = dict(cm.config)
+    config["torch_dtype"] = TORCH_DTYPES[dtype]
+    kind = f"MLX {dtype}"
+    if quantize:
+        kind = f"MLX {quantize}-bit (group {REQUANT_GROUP}, {dtype} scales)"
+    base = Base(model=cm.model, tokenizer=cm.tokenizer, config=config, source=cm.source)
+    return _folder_output(
+        stage, "mlx", kind, "merging and writing the MLX folder",
+        lambda tmp, p: write_fused(tmp, base, DTYPES[dtype], quantize, p, consume=True), steps,
+    )  # fmt: skip
+
+
+def write_hf(stage: Staging, cm, dtype: str, steps: Steps) -> dict:
+    """The fused model as a Hugging Face folder (transformers, vLLM, the Hub); the run's model
+    is consumed (its last use)."""
+    from macft.export.hf_folder import write_hf_folder
+
+    return _folder_output(
+        stage, "hf", f"Hugging Face {dtype} ({cm.config.get('model_type')})",
+        "merging and writing the Hugging Face folder",
+        lambda tmp, p: write_hf_folder(tmp, cm, dtype, p), steps,
+    )  # fmt: skip
 
 
 def write_gguf(stage: Staging, cm, fname: str, quant: str, steps: Steps) -> dict:
@@ -236,6 +253,12 @@ def print_summary(console: Console, rows: list[dict], name: str, gguf: bool) -> 
                 f"chat with it: macft chat --model {shlex.quote(str(folder))}   "
                 f"(mlx_lm.load({str(folder)!r}) loads it too)"
             ),  # fmt: skip
+            highlight=False,
+            soft_wrap=True,
+        )
+    if "hf" in by_name:
+        console.print(
+            escape(f"transformers: AutoModelForCausalLM.from_pretrained({str(by_name['hf'])!r})"),
             highlight=False,
             soft_wrap=True,
         )

@@ -110,20 +110,30 @@ def pair_scores(model, pairs, batch_size: int, pad_id: int, beta: float) -> dict
     return out
 
 
+def answer_budget(tokenizer, case) -> int:
+    """How many tokens a greedy answer may take: the reference's length plus a margin."""
+    return len(tokenizer.encode(case.reference, add_special_tokens=False)) + MARGIN
+
+
+def finish_answer(text: str, case) -> str:
+    """A generated answer as it is scored: stripped, and cut at a line break for one-line
+    references (text data has no end-of-turn token)."""
+    text = text.strip()
+    return text.split("\n", 1)[0].strip() if case.one_line else text
+
+
 def generate(model, tokenizer, case, lora: bool) -> str:
-    """A greedy answer, bounded by the reference's length plus a margin."""
-    budget = len(tokenizer.encode(case.reference, add_special_tokens=False)) + MARGIN
+    """A greedy answer, bounded by answer_budget."""
     text, sampler = "", make_sampler(temp=0.0)
     with lora_disabled(model) if not lora else contextlib.nullcontext():
         for r in stream_generate(
-            model, tokenizer, case.prompt_ids, max_tokens=budget, sampler=sampler
-        ):
+            model, tokenizer, case.prompt_ids, max_tokens=answer_budget(tokenizer, case),
+            sampler=sampler,
+        ):  # fmt: skip
             text += r.text
-            # Text data has no end-of-turn token: a one-line answer ends at the line break.
             if case.one_line and "\n" in text.lstrip():
-                break
-    text = text.strip()
-    return text.split("\n", 1)[0].strip() if case.one_line else text
+                break  # the rest would be cut anyway
+    return finish_answer(text, case)
 
 
 def score_cases(cm, cases, scorers, case_sensitive: bool, console: Console) -> list[dict]:

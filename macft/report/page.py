@@ -224,6 +224,42 @@ def _samples(run: RunDir, s: dict) -> str:
     )
 
 
+def _export_section(run: RunDir) -> str:
+    """What `macft fuse`'s fidelity check measured for each export in RUN/export."""
+    from macft.export.fidelity import read  # MLX comes with it: only when a report is made
+
+    checks = read(run.path / "export")
+    if not checks:
+        return ""
+    rows, warns = [], []
+    for name, e in checks.items():
+        loss = e.get("loss") or {}
+        if e.get("kind") == "peft":
+            rows.append([escape(name), "peft", "exact" if e.get("exact") else "differs",
+                         "-", "-", "-", "-", "-"])  # fmt: skip
+        else:
+            kept = e.get("kept")
+            rows.append([
+                escape(name), escape(str(e.get("kind"))),
+                f"{e.get('next_token_agreement', 0):.0%}",
+                _num(loss.get("export")), _num(loss.get("adapters")), _num(loss.get("base")),
+                "-" if kept is None else f"{kept:.0%}",
+                f"{e.get('greedy_same', 0)}/{e.get('greedy_compared', 0)}",
+            ])  # fmt: skip
+        if e.get("lost"):
+            tips = "; or ".join(e.get("advice") or [])
+            warns.append(f"<b>{escape(name)}</b> lost much of what the adapters learned"
+                         + (f"; try {escape(tips)}" if tips else ""))  # fmt: skip
+    head = ["export", "kind", "next tokens agree", "loss", "adapters' loss", "base's loss",
+            "gain kept", "greedy answers the same"]  # fmt: skip
+    first = next(iter(checks.values()))
+    html = "<h2>Exports: do they keep the fine-tune?</h2>"
+    html += f"<p>{escape(str(first.get('source', '')))}; checked by macft fuse.</p>"
+    html += _table(head, rows)
+    html += "".join(f'<div class="warn">{w}</div>' for w in warns)
+    return html
+
+
 def write_report(run_path: str, out: str | None = None) -> Path:
     p = Path(run_path).expanduser()
     run = RunDir(p)
@@ -238,6 +274,7 @@ def write_report(run_path: str, out: str | None = None) -> Path:
         f'<div class="sub">{escape(str(p.resolve()))}</div>',
         _summary_section(run, metrics, over),
         _figures(metrics, over["best_step"]),
+        _export_section(run),
         "<h2>Evaluation: base vs fine-tune</h2>",
     ]
     if evals:

@@ -55,10 +55,16 @@ def test_train_chat_eval_fuse_on_the_macs_path(smollm2_gguf, tmp_path, monkeypat
     loss = json.loads(summary.read_text())["loss"]
     assert 0 < loss["fine_tune"]["loss"] < 20 and loss["base"]["loss"] != loss["fine_tune"]["loss"]
 
-    run_cli("fuse", run)
+    # one example in the fidelity check: MLX's bfloat16 quantized kernels crawl on a CPU
+    run_cli("fuse", run, "--check", "1")
     model, tokenizer = mlx_lm.load(str(run / "export" / "mlx"))
     assert tokenizer.encode("show route") and model.model.layers[29].self_attn.q_proj.weight.ndim
-    run_cli("fuse", run, "--gguf", "--quant", "q8_0")
+    result = run_cli("fuse", run, "--gguf", "--quant", "q8_0", "--check", "1")
+    assert "fidelity: run-q8_0.gguf:" in result.output
+    checks = json.loads((run / "export" / "fidelity.json").read_text())["exports"]
+    print(checks)
+    for name in ("mlx", "run-q8_0.gguf"):  # into the 4-bit base it trained on: little changes
+        assert checks[name]["next_token_agreement"] >= 0.8 and not checks[name]["lost"]
     (path,) = (run / "export").glob("*.gguf")
     names = {t.name for t in GGUFReader(path).tensors}
     assert "blk.29.attn_q.weight" in names and "output_norm.weight" in names

@@ -21,7 +21,7 @@ from helpers import (
     build_tiny_hf_tokenizer,
     build_tiny_model,
     save_tiny_model_dir,
-    train_with_cli,
+    train_for_fuse,
     write_chat,
 )
 from mlx.utils import tree_flatten
@@ -126,30 +126,14 @@ def test_fuse_to_float16_stays_close():
 # --- the command on trained tiny runs -------------------------------------------------
 
 
-def train(model_dir, data, out, *sets):
-    settings = {
-        "train.batch_size": 4,
-        "train.iters": 4,
-        "train.grad_checkpoint": "false",
-        "train.learning_rate": "2.0e-2",
-        "train.warmup": 0,
-        "train.eval_every": 0,
-        "train.save_every": 2,
-        "lora.rank": 4,
-        "lora.dropout": 0.0,
-        "data.system": "You are a network engineer.",
-    }
-    return train_with_cli(model_dir, data, out, settings, *sets)
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """A float32 HF folder, and a LoRA and a DoRA run trained 4 steps on it."""
     root = tmp_path_factory.mktemp("fuse")
     model_dir = save_tiny_model_dir(root / "tiny")
     data = write_chat(root / "net.jsonl", 16, QA)
-    lora = train(model_dir, data, root / "net")
-    dora = train(model_dir, data, root / "dora", "lora.dora=true", "lora.layers=1")
+    lora = train_for_fuse(model_dir, data, root / "net")
+    dora = train_for_fuse(model_dir, data, root / "dora", "lora.dora=true", "lora.layers=1")
     return {"base": model_dir, "lora": lora, "dora": dora}
 
 
@@ -241,7 +225,8 @@ def test_export_table_is_plain_whole_rows_without_a_terminal(runs, tmp_path):
     config = json.loads((out / "peft" / "adapter_config.json").read_text())
     assert table[1].startswith("peft/ ") and f"PEFT LoRA r={config['r']}, base " in table[1]
     assert table[1].endswith(" s") and "\x1b" not in result.output
-    assert lines[-1] == f"PEFT: PeftModel.from_pretrained(base_model, {str(out / 'peft')!r})"
+    assert f"PEFT: PeftModel.from_pretrained(base_model, {str(out / 'peft')!r})" in lines
+    assert lines[-1].startswith("fidelity: peft: ")  # the check's one line, whole
 
 
 # --- PEFT -------------------------------------------------------------------------------
@@ -250,7 +235,7 @@ def test_export_table_is_plain_whole_rows_without_a_terminal(runs, tmp_path):
 @pytest.mark.parametrize("kind", ["lora", "dora"])
 def test_peft_folder_follows_the_peft_formula(runs, kind, tmp_path):
     """Names, shapes and lora_alpha such that PEFT's W + (alpha/r) B A (DoRA: rows scaled to
-    m / norm) equals macft's fused weights; `peft` itself needs torch, which is not installed."""
+    m / norm) equals macft's fused weights; test_hf.py loads the folder with `peft` itself."""
     out = tmp_path / "export"
     assert fuse(runs[kind], "--peft", "--out", out).exit_code == 0
     assert fuse(runs[kind], "--dtype", "f32", "--out", out).exit_code == 0

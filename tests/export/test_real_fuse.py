@@ -165,3 +165,20 @@ def test_fused_gguf_answers_like_mlx(run, tmp_path):
     assert 'PARAMETER stop "<|im_end|>"' in modelfile and "SYSTEM" in modelfile
     assert forced["f16"] >= 0.9 and gap["f16"] < 0.1, (greedy, forced, gap)
     assert forced["q4_k_m"] >= 0.8, (greedy, forced, gap)
+
+
+def test_the_fidelity_check_sees_what_llama_cpp_does(run):
+    """fuse's own check, on the run's training lines (it held none out): the f16 GGUF and the
+    GGUF LoRA on the very Q4_1 file the run trained on (dequantized) are the adapters' model."""
+    for args in (["--gguf"], ["--gguf", "--adapter-only"]):
+        result = CliRunner().invoke(cli, ["fuse", str(run), *args])
+        assert result.exit_code == 0, result.output
+        assert "fidelity: net-" in result.output, result.output
+    checks = json.loads((run / "export" / "fidelity.json").read_text())["exports"]
+    print(json.dumps(checks, indent=1))
+    for name in ("net-f16.gguf", "net-lora.gguf"):
+        e = checks[name]
+        assert e["examples"] == len(QA) and "training lines" in e["source"]
+        assert e["next_token_agreement"] >= 0.9 and not e["lost"], e
+        assert abs(e["loss"]["export"] - e["loss"]["adapters"]) < 0.05, e
+    assert checks["net-lora.gguf"]["loss"]["adapters"] < checks["net-lora.gguf"]["loss"]["base"]
