@@ -141,6 +141,11 @@ class TrainConfig:
         0.1, "float", "DPO: how far from the base (reference) the tuned model may move",
         lo=1e-6, hi=100.0, same_on_resume=True,
     )  # fmt: skip
+    dpo_nll: float = key(
+        0.0, "float",
+        "DPO: weight of the chosen answer's mean token loss added (TRL's rpo_alpha); 0 = off",
+        lo=0.0, hi=100.0, same_on_resume=True,
+    )  # fmt: skip
     orpo_lambda: float = key(
         0.1, "float", "ORPO: weight of the odds-ratio term beside the chosen answer's loss",
         lo=0.0, hi=100.0, same_on_resume=True,

@@ -50,10 +50,14 @@ def _log1m_exp(x: mx.array) -> mx.array:
     return mx.log(-mx.expm1(mx.minimum(x, -1e-7)))
 
 
-def pair_losses(method: str, beta: float, orpo_lambda: float, logps, tokens, ref=None):
+def pair_losses(
+    method: str, beta: float, orpo_lambda: float, logps, tokens, ref=None, dpo_nll: float = 0.0
+):
     """(loss per pair, reward per chosen answer, reward per rejected answer).
 
-    DPO: -log sigmoid(beta * ((c - c_ref) - (r - r_ref))), rewards beta * (logp - ref logp).
+    DPO: -log sigmoid(beta * ((c - c_ref) - (r - r_ref))), rewards beta * (logp - ref logp);
+    with dpo_nll, plus dpo_nll * the chosen answer's mean token NLL (RPO, Pang et al. 2024):
+    plain DPO can lower both answers' probabilities as long as the gap grows.
     ORPO: the chosen answer's mean token NLL - lambda * log sigmoid(log odds(c) - log odds(r)),
     on mean token log-probabilities; the rewards are those means.
     """
@@ -61,7 +65,10 @@ def pair_losses(method: str, beta: float, orpo_lambda: float, logps, tokens, ref
     c, r = logps[:n], logps[n:]
     if method == "dpo":
         chosen, rejected = beta * (c - ref[:n]), beta * (r - ref[n:])
-        return -nn.log_sigmoid(chosen - rejected), chosen, rejected
+        losses = -nn.log_sigmoid(chosen - rejected)
+        if dpo_nll:  # a Python float: 0 leaves the graph (and the loss) exactly plain DPO's
+            losses = losses - dpo_nll * c / tokens[:n]
+        return losses, chosen, rejected
     mc, mr = c / tokens[:n], r / tokens[n:]
     log_odds = (mc - mr) - (_log1m_exp(mc) - _log1m_exp(mr))
     return -mc - orpo_lambda * nn.log_sigmoid(log_odds), mc, mr
@@ -74,7 +81,7 @@ def preference_loss(cfg: TrainConfig):
     def loss(model, batch, loss_chunk: int = 0, grad: bool = True):
         logps, tokens = row_logps(model, batch, loss_chunk)
         losses, chosen, rejected = pair_losses(
-            cfg.method, cfg.beta, cfg.orpo_lambda, logps, tokens, batch.ref
+            cfg.method, cfg.beta, cfg.orpo_lambda, logps, tokens, batch.ref, cfg.dpo_nll
         )
         margin = chosen - rejected
         n = logps.shape[0] // 2

@@ -67,6 +67,7 @@ def test_resume_continues_to_more_steps(tiny_model_dir, tmp_path):
         (["--set", "lora.rnak=4"], "lora.rnak: unknown key; did you mean lora.rank?"),
         (["--set", "lora.targets=[q_prj]"], "q_proj"),
         (["--set", "train.iters=0"], "train.iters: must be >= 1"),
+        (["--set", "train.dpo_nll=-1"], "train.dpo_nll: must be >= 0, got -1"),
     ],
 )
 def test_bad_input_is_one_clean_line(tiny_model_dir, tmp_path, extra, needle):

@@ -1,5 +1,6 @@
-"""Preference tuning on tiny models: the DPO and ORPO losses against direct computations, the
-reference is the base with LoRA off and never moves, accumulation and resume are exact."""
+"""Preference tuning on tiny models: the DPO (with and without train.dpo_nll) and ORPO losses
+against direct computations, the reference is the base with LoRA off and never moves,
+accumulation and resume are exact."""
 
 import math
 
@@ -49,8 +50,8 @@ def moved_model():
     return model
 
 
-@pytest.mark.parametrize("chunk", [0, 64])
-def test_dpo_loss_equals_direct_computation(chunk):
+@pytest.mark.parametrize("chunk, nll", [(0, 0.0), (64, 0.0), (64, 0.7)])
+def test_dpo_loss_equals_direct_computation(chunk, nll):
     model, pairs = moved_model(), counting_pairs(3)
     model.eval()
     Reference(model, PAD, chunk).fill(pairs)
@@ -62,9 +63,11 @@ def test_dpo_loss_equals_direct_computation(chunk):
     for p in pairs:
         c, r = direct_logp(model, p.chosen), direct_logp(model, p.rejected)
         z = BETA * ((c - p.ref[0]) - (r - p.ref[1]))
-        want += -math.log(1 / (1 + math.exp(-z)))
+        # train.dpo_nll: the chosen answer's mean token NLL, weighted
+        want += -math.log(1 / (1 + math.exp(-z))) - nll * c / p.chosen.mask[1:].sum()
     batch = make_batch(pairs, PAD)
-    loss, stats = preference_loss(train_config(method="dpo", beta=BETA))(model, batch, chunk)
+    cfg = train_config(method="dpo", beta=BETA, dpo_nll=nll)
+    loss, stats = preference_loss(cfg)(model, batch, chunk)
     assert loss.item() == pytest.approx(want, rel=1e-4)
     logps, _ = row_logps(model, batch, chunk)
     want_c = sum(direct_logp(model, p.chosen) for p in pairs)
@@ -80,6 +83,18 @@ def test_dpo_sign_a_model_preferring_chosen_has_the_lower_loss():
     assert prefers[0].item() < neutral[0].item() < dislikes[0].item()
     assert neutral[0].item() == pytest.approx(math.log(2), rel=1e-6)
     assert prefers[1].item() == pytest.approx(BETA * 2) and prefers[2].item() == pytest.approx(-1)
+
+
+def test_dpo_nll_zero_is_exactly_plain_dpo_and_adds_the_chosen_mean_nll():
+    ref, tokens = mx.array([-10.0, -9.0]), mx.array([5.0, 4.0])
+    logps = mx.array([-8.0, -12.0])
+    old = -nn.log_sigmoid(BETA * (logps[0] - ref[0]) - BETA * (logps[1] - ref[1])).item()
+    plain = pair_losses("dpo", BETA, 0, logps, tokens, ref, dpo_nll=0.0)
+    assert plain[0].item() == old  # bit for bit: at 0 the term is not in the graph
+    nll = pair_losses("dpo", BETA, 0, logps, tokens, ref, dpo_nll=2.0)
+    assert nll[0].item() == pytest.approx(old + 2.0 * 8 / 5, rel=1e-6)  # chosen: 8 nats, 5 tokens
+    # the rewards, and so reward accuracy and margin, stay DPO's
+    assert nll[1].item() == plain[1].item() and nll[2].item() == plain[2].item()
 
 
 def test_orpo_loss_equals_direct_computation():
@@ -124,11 +139,12 @@ def test_reference_is_the_base_and_never_changes(tmp_path):
     assert all(p.ref is not None for p in valid)
 
 
-@pytest.mark.parametrize("method", ["dpo", "orpo"])
-def test_accumulated_grads_equal_one_big_batch(method):
+@pytest.mark.parametrize("method, nll", [("dpo", 0.0), ("dpo", 0.5), ("orpo", 0.0)])
+def test_accumulated_grads_equal_one_big_batch(method, nll):
     model, pairs = moved_model(), counting_pairs(4)  # different lengths: padding differs
     Reference(model, PAD).fill(pairs)
-    lg = nn.value_and_grad(model, preference_loss(train_config(method=method, beta=BETA)))
+    cfg = train_config(method=method, beta=BETA, dpo_nll=nll)
+    lg = nn.value_and_grad(model, preference_loss(cfg))
     loss1, g1, n1, _ = accumulate(lg, model, [[p] for p in pairs], PAD, loss_chunk=64)
     loss4, g4, n4, _ = accumulate(lg, model, [pairs], PAD, loss_chunk=64)
     assert n1 == n4 == 4  # pairs, not tokens: each pair weighs the same
@@ -149,10 +165,11 @@ def test_accumulation_4x1_gives_the_batch_4_adapters(tmp_path):
     weights_close(adapter_weights(m1), adapter_weights(m4), 5e-5)
 
 
-def test_resume_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("nll", [0.0, 0.5])
+def test_resume_equals_uninterrupted(tmp_path, nll):
     cfg = train_config(
         iters=8, batch_size=2, grad_accumulation=2, learning_rate=5e-3, warmup=2,
-        eval_every=4, save_every=3, report_every=1, seed=3, method="dpo", beta=BETA,
+        eval_every=4, save_every=3, report_every=1, seed=3, method="dpo", beta=BETA, dpo_nll=nll,
     )  # fmt: skip
     straight, info = lora_model(dropout=0.2)
     run_a = new_run(tmp_path, "a")
@@ -176,7 +193,8 @@ def test_resume_equals_uninterrupted(tmp_path):
         for k in keys:
             assert rb[k] == pytest.approx(ra[k], abs=1e-5), (ra["step"], k)
     assert ma[-1]["reward_accuracy"] > 0.5 and ma[-1]["val_loss"] < ma[0]["val_loss"]
-    assert ma[0]["val_loss"] == pytest.approx(math.log(2), rel=1e-5)  # policy = reference
+    if not nll:
+        assert ma[0]["val_loss"] == pytest.approx(math.log(2), rel=1e-5)  # policy = reference
 
 
 def test_method_and_data_must_match(tmp_path):
