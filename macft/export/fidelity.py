@@ -10,6 +10,7 @@ user is told so, with what to try. Results go to export/fidelity.json (macft rep
 
 import contextlib
 import gc
+import json
 import math
 import tempfile
 import time
@@ -26,6 +27,7 @@ from macft.data.dataset import held_out_records
 from macft.data.encode import Example
 from macft.data.heldout import chosen_records, loss_examples, make_case
 from macft.errors import MacftError
+from macft.export.peft import PREFIX
 from macft.inference.evaluation import answer_budget, finish_answer, generate
 from macft.lora.apply import lora_disabled
 from macft.runs.folder import RunDir
@@ -35,6 +37,7 @@ MAX_TARGETS = 64  # answer tokens scored per example (llama.cpp scores them one 
 KEPT_WARN = 0.5  # below: the export's loss is closer to the base's than to the adapters'
 MIN_GAIN = 0.05  # nats: below, "kept" would be a ratio of rounding noise (1 step: 0.01)
 SPLIT_ON = "A: "  # text data: the greedy answer starts after this (as macft eval's default)
+MARGIN_TOKENS = 128  # room in llama.cpp's context for a greedy answer past the prompt
 
 
 @dataclass
@@ -213,8 +216,6 @@ def entry(kind: str, r: dict, s: Sample | None, checkpoint: str | None, tips: li
 
 def read(folder: Path) -> dict:
     """fidelity.json of an export folder: {file name: entry}; {} when there is none."""
-    import json
-
     try:
         data = json.loads((Path(folder) / FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):
@@ -275,16 +276,22 @@ def reference(
     return Reference(s, adapters, base, tokenizer, checkpoint, ra.weights, ra.scale)
 
 
+# PEFT's tensor names -> the adapters' own, and whether PEFT stores the matrix transposed
+PEFT_NAMES = {
+    ".lora_A.weight": (".lora_a", True),
+    ".lora_B.weight": (".lora_b", True),
+    ".lora_magnitude_vector": (".m", False),
+}
+
+
 def peft_result(folder: Path, ref: Reference) -> dict:
     """A PEFT folder read back by PEFT's rules (names, lora_A/B layouts, lora_alpha / r):
     does it give back the run's adapters exactly?"""
-    import json
-
     config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
     tensors = mx.load(str(folder / "adapter_model.safetensors"))
     ours = {}
     for name, value in tensors.items():
-        key = name.removeprefix(PEFT_PREFIX)
+        key = name.removeprefix(PREFIX)
         for suffix, (theirs, transpose) in PEFT_NAMES.items():
             if key.endswith(suffix):
                 ours[key.removesuffix(suffix) + theirs] = value.T if transpose else value
@@ -297,14 +304,6 @@ def peft_result(folder: Path, ref: Reference) -> dict:
     same = not missing and diff == 0.0 and abs(scale - ref.scale) < 1e-6
     return {"tensors": len(tensors), "missing": len(missing), "max_abs_diff": diff,
             "scale": scale, "adapters_scale": ref.scale, "exact": same, "lost": not same}  # fmt: skip
-
-
-PEFT_PREFIX = "base_model.model."
-PEFT_NAMES = {
-    ".lora_A.weight": (".lora_a", True),
-    ".lora_B.weight": (".lora_b", True),
-    ".lora_magnitude_vector": (".m", False),
-}
 
 
 def peft_line(name: str, r: dict) -> str:
@@ -348,9 +347,6 @@ def export_side(kind: str, path: Path, ref: Reference, gguf_base: str | None) ->
         return llamacpp_side(llama, ref.tokenizer, ref.sample)
     finally:
         llama.close()
-
-
-MARGIN_TOKENS = 128  # room in llama.cpp's context for a greedy answer past the prompt
 
 
 def prepare(

