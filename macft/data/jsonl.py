@@ -95,7 +95,7 @@ def _check_chat(msgs) -> str | None:
         if not isinstance(role, str):
             return f"message {n}: 'role' is {_kind(role)}; it must be a string"
         if role not in ROLES:
-            return f"message {n}: unknown role {role!r}; use one of {', '.join(ROLES)}"
+            return f"message {n}: unknown role {role[:40]!r}; use one of {', '.join(ROLES)}"
         if not isinstance(content, str):
             return _content_problem(n, role, content)
         if not content.strip():

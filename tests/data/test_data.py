@@ -368,6 +368,12 @@ BAD_CASES = {
         1,
         "unknown role 'bot'; use one of system, user, assistant",
     ),
+    # a mutated file's role of 5,000 characters: the line names the start of it, not all of it
+    "huge_role": (
+        [{"messages": [{"role": "[" * 5000 + "user", "content": "x"}]}],
+        1,
+        "unknown role '\\[{40}'; use one of",
+    ),
     "empty_content": ([chat("q", "  ")], 1, "message 2 \\(assistant\\): empty content"),
     "content_not_str": (
         [{"messages": [{"role": "user", "content": ["x"]}]}],
