@@ -34,8 +34,8 @@ def exact(side: fidelity.Side, s: fidelity.Sample) -> float:
     return sum(hits) / max(len(hits), 1)
 
 
-def row(name: str, side, s, adapters=None) -> list[str]:
-    r = fidelity.compare(side, adapters, adapters) if adapters else None
+def row(name: str, side, s, r: dict | None = None) -> list[str]:
+    """A table row; r: fidelity.compare's result against the adapters, if any."""
     agree = f"{r['next_token_agreement']:.1%}" if r else "-"
     same = f"{r['greedy_same']}/{r['greedy_compared']}" if r else "-"
     return [name, f"{side.loss:.4f}", f"{exact(side, s):.0%}", agree, same]
@@ -65,7 +65,8 @@ def main():
         f"{s.source}; {len(s.cases)} answers; MLX scored in {time.time() - start:.0f} s",
         flush=True,
     )
-    rows = [row("base (MLX)", base, s), row("adapters (MLX)", adapters, s, adapters)]
+    rows = [row("base (MLX)", base, s)]
+    rows.append(row("adapters (MLX)", adapters, s, fidelity.compare(adapters, adapters, base)))
     quiet = make_console(quiet=True)
     source = json.loads((Path(args.run) / "base.json").read_text())
     lora_on = [None] if source.get("kind") == "gguf" and args.adapter else []
@@ -86,7 +87,7 @@ def main():
             llama.close()
         r = fidelity.compare(side, adapters, base)
         kept = "-" if r["kept"] is None else f"{r['kept']:.0%}"
-        rows.append([*row(name, side, s, adapters), kept])
+        rows.append([*row(name, side, s, r), kept])
         print(f"{name}: {time.time() - t:.0f} s", flush=True)
     head = ["model", "loss", "exact SQL", "next token = adapters'", "greedy = adapters'", "kept"]
     widths = [max(len(str(r[i])) if i < len(r) else 0 for r in [head, *rows]) for i in range(6)]

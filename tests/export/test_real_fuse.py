@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from mlx_lm.sample_utils import make_sampler
 
 from macft.cli import cli
+from macft.export.llamacpp import LlamaCpp
 
 # The CPU's path (trained and fused in float32): on the Mac's path this module takes ~3 minutes
 # here, and tests/cli/test_mac_path_e2e.py already fuses and exports a Mac-path run.
@@ -68,28 +69,6 @@ def mlx_answers(model, tokenizer) -> list[list[int]]:
     return answers
 
 
-class LlamaCpp:
-    """A GGUF in llama.cpp (xllamacpp), greedy, token ids in and out."""
-
-    def __init__(self, gguf):
-        import xllamacpp as xl
-
-        params = xl.CommonParams()
-        params.model.path = str(gguf)
-        params.n_ctx = 256
-        params.n_parallel = 1
-        # One thread: two spin-waiting threads crawl when other work shares the two cores.
-        params.cpuparams.n_threads = 1
-        params.cpuparams_batch.n_threads = 1
-        params.warmup = False
-        self.server = xl.Server(params)
-
-    def generate(self, ids: list[int], n: int) -> list[int]:
-        request = {"prompt": ids, "n_predict": n, "temperature": 0, "top_k": 1, "logprobs": 1}
-        r = self.server.handle_completions(request)
-        return [t["id"] for t in r["choices"][0]["logprobs"]["content"]]
-
-
 def prompt_ids(tokenizer, prompt: str) -> list[int]:
     msgs = [{"role": "user", "content": prompt}]
     return tokenizer.apply_chat_template(msgs, add_generation_prompt=True)
@@ -124,7 +103,7 @@ def next_token_agreement(llama: LlamaCpp, tokenizer, reference, logprobs) -> tup
     for p, ref, lp in zip(PROMPTS, reference, logprobs, strict=True):
         ids = prompt_ids(tokenizer, p)
         for k, want in enumerate(ref):
-            (got,) = llama.generate(ids + ref[:k], 1)
+            (got,) = llama.greedy(ids + ref[:k], 1)
             same, total = same + (got == want), total + 1
             worst = max(worst, float(lp[k].max() - lp[k, got]))
     return same / total, worst
@@ -154,8 +133,8 @@ def test_fused_gguf_answers_like_mlx(run, tmp_path):
         )
         assert result.exit_code == 0, result.output
         assert f"ollama create net -f {export / 'Modelfile'}" in result.output
-        llama = LlamaCpp(export / f"net-{quant}.gguf")
-        answers = [llama.generate(prompt_ids(tokenizer, p), MAX_TOKENS) for p in PROMPTS]
+        llama = LlamaCpp(export / f"net-{quant}.gguf", n_ctx=256)
+        answers = [llama.greedy(prompt_ids(tokenizer, p), MAX_TOKENS) for p in PROMPTS]
         answers = [[t for t in a if t not in tokenizer.eos_token_ids] for a in answers]
         greedy[quant] = agreement(reference, answers)
         forced[quant], gap[quant] = next_token_agreement(llama, tokenizer, reference, logprobs)
