@@ -46,6 +46,20 @@ def describe_steps(cfg: schema.TrainConfig, n_train: int, machines: int = 1) -> 
     return f"{cfg.epochs:g} epochs = {total_steps(cfg, n_train)} steps of {per_step} examples"
 
 
+def describe_method(cfg: schema.TrainConfig) -> tuple[str, str | None]:
+    """(what the loss is, for the schedule line; a note when a key of another method is set)."""
+    what = {
+        "sft": "",
+        "dpo": f", DPO beta {cfg.beta:g}"
+        + (f" + {cfg.dpo_nll:g} x the chosen answer's loss" if cfg.dpo_nll else ""),
+        "orpo": f", ORPO lambda {cfg.orpo_lambda:g}",
+    }[cfg.method]
+    note = None
+    if cfg.dpo_nll and cfg.method != "dpo":  # e.g. the DPO recipe with --set train.method=orpo
+        note = f"train.dpo_nll {cfg.dpo_nll:g} is DPO's; train.method {cfg.method} leaves it unused"
+    return what, note
+
+
 def resolve_recipe(recipe_arg, sets, shorthands: dict, resume: bool) -> tuple[dict, str, str]:
     """(recipe, where it came from, the shipped recipe picked for this Mac or None)."""
     if resume and shorthands.get("out") is None and not recipe_arg:
@@ -139,10 +153,13 @@ def run_train(recipe_arg, sets, shorthands: dict, resume: bool, console: Console
         world.agree(
             "data or model", parallel.fingerprint(train_set, valid_set, base.config, weights)
         )
+    method, note = describe_method(cfg)
     console.print(
         f"schedule: {describe_steps(cfg, rep.n_train, world.size)}, "
-        f"lr {cfg.learning_rate:g} ({cfg.schedule})"
+        f"lr {cfg.learning_rate:g} ({cfg.schedule}){method}"
     )
+    if note:
+        console.print(f"[yellow]note:[/] {note}")
     if world.size > 1:
         console.print(
             f"data parallel: {world.size} processes, each {cfg.batch_size} examples a micro-batch"

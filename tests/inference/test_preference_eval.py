@@ -36,6 +36,7 @@ def test_dpo_run_then_eval_on_pairs(tiny_model_dir, tmp_path):
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     assert "reward acc" in result.output  # the progress line
+    assert ", DPO beta 0.5" in result.output  # the schedule line names the loss
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert {"reward_margin", "reward_accuracy", "chosen_logp", "rejected_logp"} <= set(records[-1])
 

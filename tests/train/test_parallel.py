@@ -341,7 +341,8 @@ def test_ranks_with_the_same_config_but_other_weights_refuse_to_train(tmp_path):
 
 
 def write_pairs(folder, n_train=8, n_valid=3):
-    """8 preference pairs: two global batches of 4, two pairs for each rank."""
+    """8 preference pairs: two global batches of 4, two pairs for each rank (7: the second
+    global batch has 3, shared 2 + 1)."""
     folder.mkdir()
     for name, n in (("train", n_train), ("valid", n_valid)):
         with (folder / f"{name}.jsonl").open("w") as f:
@@ -352,11 +353,17 @@ def write_pairs(folder, n_train=8, n_valid=3):
     return folder
 
 
-def test_two_ranks_train_dpo_like_one_process(tmp_path):
-    """DPO over --hosts: each rank's cached reference, its pairs' share of the batch and the
-    reward metrics add up to what one process computes on the global batch. (Measured with
-    7 pairs, the second step's 2 + 1 share: 1.3e-4 apart after it; an open question.)"""
-    model, data = save_tiny_model_dir(tmp_path / "tiny"), write_pairs(tmp_path / "pairs")
+# 7 pairs, on the CPU's path only: there the uneven share gives one process's adapters
+# (measured: identical). On the Mac's path the step's summed gradients match too (1.3e-7 apart,
+# of sums up to 8.7e-3), but a pair alone is padded to another width than in a batch of 3,
+# its 16-bit activations round otherwise, and Adam's first update of a lora_a element whose
+# gradient is ~1e-7 (beside Adam's eps of 1e-8) turns that rounding into ~5e-5.
+@pytest.mark.parametrize("n_pairs", [8, pytest.param(7, marks=pytest.mark.path("cpu"))])
+def test_two_ranks_train_dpo_like_one_process(tmp_path, n_pairs):
+    """DPO over --hosts: each rank's cached reference, its pairs' share of the batch (even or
+    not) and the reward metrics add up to what one process computes on the global batch."""
+    model = save_tiny_model_dir(tmp_path / "tiny")
+    data = write_pairs(tmp_path / "pairs", n_train=n_pairs)
     common = ["train", "--model", str(model), "--data", str(data), *TRAIN,
               "--set", "train.method=dpo", "--set", "train.dpo_nll=0.5",
               "--set", "train.iters=2", "--set", "train.eval_every=2",
@@ -375,8 +382,9 @@ def test_two_ranks_train_dpo_like_one_process(tmp_path):
     two = rank0 / "run"
     a, b = mx.load(str(one / "adapters.safetensors")), mx.load(str(two / "adapters.safetensors"))
     assert max(mx.abs(a[k]).max().item() for k in a if k.endswith("lora_b")) > 2e-3
+    atol = 5e-5 if n_pairs == 8 else 1e-6  # 8: both paths, measured 3.6e-7 on the Mac's
     for k in a:
-        assert mx.allclose(a[k], b[k], atol=5e-5, rtol=0), (k, mx.abs(a[k] - b[k]).max())
+        assert mx.allclose(a[k], b[k], atol=atol, rtol=0), (k, mx.abs(a[k] - b[k]).max())
     ma, mb = metrics(one), metrics(two)
     assert [r["step"] for r in ma] == [r["step"] for r in mb]
     for ra, rb in zip(ma, mb, strict=True):

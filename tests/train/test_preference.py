@@ -27,6 +27,7 @@ from macft.runs.folder import RunDir
 from macft.train.loop import train
 from macft.train.plan import setup_for
 from macft.train.preference import Reference, pair_losses, preference_loss, row_logps
+from macft.train.session import describe_method
 from macft.train.step import accumulate
 
 BETA = 0.5
@@ -210,6 +211,16 @@ def test_memory_plan_counts_both_rows_of_a_pair():
     b = setup_for(dpo, 256, "float32", on_mac=False)
     assert sft["train"]["batch_size"] == dpo["train"]["batch_size"] == a.batch_size == 4
     assert b.batch_size == 8
+
+
+def test_the_schedule_line_names_the_loss_and_an_unused_dpo_key():
+    dpo = train_config(method="dpo", beta=0.2, dpo_nll=1.0)
+    assert describe_method(dpo) == (", DPO beta 0.2 + 1 x the chosen answer's loss", None)
+    assert describe_method(train_config()) == ("", None)
+    # the shipped DPO recipe switched to ORPO: its dpo_nll does nothing, and the user is told
+    what, note = describe_method(train_config(method="orpo", orpo_lambda=0.3, dpo_nll=1.0))
+    assert what == ", ORPO lambda 0.3"
+    assert note == "train.dpo_nll 1 is DPO's; train.method orpo leaves it unused"
 
 
 def test_moe_aux_loss_is_refused_with_preference_methods():
