@@ -147,7 +147,9 @@ class Training:
         # DPO's reference: the base, LoRA off, once per pair (ORPO needs none)
         self.reference = None
         if cfg.method == "dpo":
-            self.reference = preference.Reference(model, pad_id, self.speed.loss_chunk)
+            self.reference = preference.Reference(
+                model, pad_id, self.speed.loss_chunk, self.speed.compiled
+            )
         prepare = self.reference.fill_batches if self.reference else None
         self.stepper = Stepper(
             model, self.speed, pad_id, self.experts.loss(self.loss_fn), prepare=prepare

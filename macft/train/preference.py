@@ -11,10 +11,11 @@ import mlx.nn as nn
 import numpy as np
 
 from macft.config.schema import TrainConfig
-from macft.data.batches import make_pair_batch
+from macft.data.batches import PAD_TO, make_pair_batch
 from macft.data.encode import Pair
 from macft.lora.apply import lora_disabled
 from macft.train.loss import head_fn
+from macft.train.step import CompiledStep
 
 # What a preference loss reports beside the loss, each summed over pairs (metrics.jsonl keys).
 STATS = ("reward_margin", "reward_accuracy", "chosen_logp", "rejected_logp")
@@ -99,10 +100,15 @@ class Reference:
 
     Each pair is computed alone (two rows), so its values never depend on which pairs share
     its micro-batch: a resumed run, meeting the pairs in another company, gets the same.
+    With `compiled` (as the run's steps are) the forward pass is one compiled graph per width,
+    traced with LoRA swapped out and only ever called so.
     """
 
-    def __init__(self, model, pad_id: int, loss_chunk: int = 0):
+    def __init__(self, model, pad_id: int, loss_chunk: int = 0, compiled: bool = False):
         self.model, self.pad_id, self.loss_chunk = model, pad_id, loss_chunk
+        # one trace per pair shape, met once per run: loss positions padded to a multiple of
+        # 32 (the head's extra work), not to half the tokens (the trainer's fewer shapes)
+        self.forward = CompiledStep(row_logps, model, PAD_TO) if compiled else row_logps
 
     def fill(self, pairs: list[Pair]) -> None:
         todo = [p for p in pairs if p.ref is None]
@@ -113,9 +119,8 @@ class Reference:
         try:
             with lora_disabled(self.model):
                 for p in todo:
-                    logps, _ = row_logps(
-                        self.model, make_pair_batch([p], self.pad_id), self.loss_chunk
-                    )
+                    batch = make_pair_batch([p], self.pad_id)
+                    logps, _ = self.forward(self.model, batch, self.loss_chunk)
                     p.ref = np.array(logps, dtype=np.float32)
         finally:
             self.model.train(was_training)

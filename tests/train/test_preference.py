@@ -119,6 +119,24 @@ def test_orpo_loss_equals_direct_computation():
     assert good - 0.5 < math.log(2) < bad - 2.0
 
 
+@pytest.mark.parametrize("chunk", [0, 64])
+def test_compiled_reference_is_the_op_by_op_one_whatever_the_adapters(chunk):
+    model, plain, compiled = moved_model(), counting_pairs(5), counting_pairs(5)
+    model.eval()
+    Reference(model, PAD, chunk).fill(plain)
+    ref = Reference(model, PAD, chunk, compiled=True)
+    ref.fill(compiled)
+    for p, q in zip(plain, compiled, strict=True):
+        assert q.ref.tolist() == pytest.approx(p.ref.tolist(), rel=1e-5)
+    # the adapters move (as training moves them): the traced graph still computes the base
+    for layer in model.layers:
+        layer.self_attn.q_proj.lora_b = layer.self_attn.q_proj.lora_b + 1.0
+    again = counting_pairs(5)
+    ref.fill(again)
+    assert [p.ref.tolist() for p in again] == [p.ref.tolist() for p in compiled]
+    assert ref.forward.shapes  # it did run compiled
+
+
 def test_reference_is_the_base_and_never_changes(tmp_path):
     pairs, valid = counting_pairs(6), counting_pairs(2, seed=5)
     model, info = lora_model()
