@@ -550,20 +550,11 @@ def llama_cpp(path, prompt, n_predict, skip, n_probs=8, lora=None, with_usage=Fa
     `prompt` is token ids, or text that llama.cpp tokenizes itself; with_usage also returns
     the response's token counts.
     """
-    import xllamacpp as xl
+    from macft.export.llamacpp import LlamaCpp  # the server as fuse's check runs it
 
-    params = xl.CommonParams()
-    params.model.path = str(path)
-    params.n_ctx = 256
-    params.n_parallel = 1
-    params.cpuparams.n_threads = 1  # two spin-waiting threads crawl on shared cores
-    params.cpuparams_batch.n_threads = 1
-    params.warmup = False
-    if lora:
-        params.lora_adapters = [xl.CommonAdapterLoraInfo(str(lora), 1.0)]
-    server = xl.Server(params)
+    server = LlamaCpp(Path(path), Path(lora) if lora else None, n_ctx=256)
     try:
-        r = server.handle_completions(
+        r = server.server.handle_completions(
             {
                 "prompt": prompt,
                 "n_predict": n_predict,
@@ -576,7 +567,7 @@ def llama_cpp(path, prompt, n_predict, skip, n_probs=8, lora=None, with_usage=Fa
             }
         )
     finally:
-        del server
+        server.close()
     if "choices" not in r:
         raise AssertionError(f"llama.cpp failed: {r}")
     steps = r["choices"][0]["logprobs"]["content"]
