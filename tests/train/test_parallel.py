@@ -357,7 +357,8 @@ def write_pairs(folder, n_train=8, n_valid=3):
 # (measured: identical). On the Mac's path the step's summed gradients match too (1.3e-7 apart,
 # of sums up to 8.7e-3), but a pair alone is padded to another width than in a batch of 3,
 # its 16-bit activations round otherwise, and Adam's first update of a lora_a element whose
-# gradient is ~1e-7 (beside Adam's eps of 1e-8) turns that rounding into ~5e-5.
+# gradient is ~7e-7 a pair (sqrt(v) then ~2e-8, beside Adam's eps of 1e-8) turns a 6% rounding
+# difference into ~5e-5: the step's lr x 0.1 g / (sqrt(v) + eps) moves with it.
 @pytest.mark.parametrize("n_pairs", [8, pytest.param(7, marks=pytest.mark.path("cpu"))])
 def test_two_ranks_train_dpo_like_one_process(tmp_path, n_pairs):
     """DPO over --hosts: each rank's cached reference, its pairs' share of the batch (even or
