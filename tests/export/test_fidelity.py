@@ -7,7 +7,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import QA, bpe_tokenizer, save_tiny_model_dir, train_with_cli, write_chat
+from helpers import F16_TOL, QA, bpe_tokenizer, save_tiny_model_dir, train_with_cli, write_chat
 
 from macft.cli import cli
 from macft.data.encode import Example
@@ -15,6 +15,7 @@ from macft.data.heldout import make_case
 from macft.export import fidelity, merge
 from macft.lora.apply import lora_layers
 from macft.runs.folder import RunDir
+from macft.runs.model import load_run_model
 
 
 @pytest.fixture(scope="module")
@@ -91,16 +92,20 @@ def test_gguf_is_checked_in_llama_cpp(run, tmp_path):
     e = entries(tmp_path / "x")["net-f16.gguf"]
     print(out)
     assert e["kind"] == "gguf" and "fidelity: net-f16.gguf:" in out
-    # f16 weights and an f16 KV cache in llama.cpp: near ties may flip, little else
+    # f16 weights and an f16 KV cache in llama.cpp: near ties may flip, little else. The
+    # greedy answers are compared, not asserted equal: this tiny model's run through near ties
+    # (the next test checks llama.cpp's greedy steps token by token).
     assert e["next_token_agreement"] >= 0.9, e
-    assert e["greedy_same"] >= e["greedy_compared"] - 1 and e["greedy_compared"] == 6, e
+    assert e["greedy_compared"] == 6, e
     assert abs(e["loss"]["export"] - e["loss"]["adapters"]) < 0.05, e
     assert not e["lost"]
 
 
 def test_llama_cpp_scores_are_the_model_log_probabilities(run, tmp_path):
     """llama.cpp's forced-token log-probabilities are MLX's for the same weights (the run's own
-    4-bit base merged), within f16 rounding (test_gguf.py's F16_TOL)."""
+    4-bit base merged), within f16 rounding. llama.cpp reuses the prompt it cached for the
+    last request, so a position may be recomputed in another batch shape: one token of 47
+    moved 0.0205 so (0.0048 with cache_prompt off), the rest under 0.001; hence 2 x F16_TOL."""
     from macft.export.llamacpp import LlamaCpp
 
     fuse(run, "--gguf", "--base-weights", "quantized", "--out", tmp_path / "x", "--no-check")
@@ -108,7 +113,29 @@ def test_llama_cpp_scores_are_the_model_log_probabilities(run, tmp_path):
     llama = LlamaCpp(tmp_path / "x" / "net-f16.gguf", n_ctx=256)
     side = fidelity.llamacpp_side(llama, ref.tokenizer, ref.sample)
     for got, want in zip(side.logps, ref.adapters.logps, strict=True):
-        assert got.shape == want.shape and np.abs(got - want).max() < 0.02
+        assert got.shape == want.shape and np.abs(got - want).max() < 2 * F16_TOL
+
+
+def test_llama_cpp_greedy_steps_are_mlx_s_best_tokens(run, tmp_path):
+    """Each token llama.cpp picks greedily is MLX's best there, or within f16 rounding of it
+    (a near tie: whole answers of a tiny random model may then part, so they are not compared
+    here). The export is the run's own 4-bit base merged, so both hold the same weights."""
+    from macft.export.llamacpp import LlamaCpp
+
+    fuse(run, "--gguf", "--base-weights", "quantized", "--out", tmp_path / "x", "--no-check")
+    loaded = load_run_model(str(run), None, None)
+    model, cases = loaded.model, fidelity.sample(RunDir(run), loaded.tokenizer, 6, None).cases
+    llama = LlamaCpp(tmp_path / "x" / "net-f16.gguf", n_ctx=256)
+    clear = 0
+    for case in cases:
+        prompt = list(case.prompt_ids)
+        said = llama.greedy(prompt, 16)
+        logits = model(mx.array([prompt + said]))[0, len(prompt) - 1 : -1].astype(mx.float32)
+        for row, token in zip(np.array(logits), said, strict=True):
+            assert row.max() - row[token] < 2 * F16_TOL, (case.prompt, said)
+            top2 = np.sort(row)[-2:]
+            clear += int(top2[1] - top2[0] >= 2 * F16_TOL)
+    assert clear >= 30  # most steps are not near ties: the test compares real choices
 
 
 def test_peft_gives_back_the_adapters_and_a_changed_alpha_is_caught(run, tmp_path):

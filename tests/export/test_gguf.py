@@ -9,6 +9,7 @@ import pytest
 from gguf import GGUFReader
 from helpers import (
     ARCHS,
+    F16_TOL,
     MOE,
     PROMPT,
     bpe_tokenizer,
@@ -35,10 +36,6 @@ from macft.lora.apply import apply_lora
 from macft.models import load_base
 
 N_STEPS = 12
-# f16: llama.cpp multiplies f16 weights by activations it rounds to f16 (2^-11 relative) and
-# keeps an f16 KV cache, so log-probs move by a few thousandths; measured max 0.0044 over all
-# architectures and adapters (top-8 log-probs of 12 greedy steps).
-F16_TOL = 0.02
 # q8_0 / q4_k_m against MLX running the very weights the file holds (dequantized from its
 # bytes): what is left is llama.cpp rounding activations to 8 bits for quantized matmuls
 # (~1/127 per block); measured max 0.057 over all architectures.
