@@ -29,9 +29,11 @@ openblas:
 # Both paths: a Mac's (the default: 4-bit base, bfloat16, MLX's quantized matmuls) and a CPU's.
 # A test marked with one path (tests/conftest.py) runs only in that path's pass. The two passes
 # run side by side: most of a pass is MLX ops on one thread, so one pass leaves a core idle.
-# Each has its own TMPDIR, where MLX compiles its CPU kernels and pytest makes its folders.
+# Each has its own TMPDIR, where MLX compiles its CPU kernels and pytest makes its folders, and
+# half the cores for OpenBLAS: threads that wait for a core the other pass holds spin.
 test: install
 	@mac=$$(mktemp -d); cpu=$$(mktemp -d); \
+	n=$$(( $$(nproc) / 2 )); export OPENBLAS_NUM_THREADS=$$(( n > 0 ? n : 1 )); \
 	TMPDIR=$$mac $(PRELOAD) $(BIN)/pytest -q -p no:cacheprovider > $$mac.log 2>&1 & pid=$$!; \
 	TMPDIR=$$cpu $(PRELOAD) $(BIN)/pytest -q -p no:cacheprovider --path cpu; cpu_rc=$$?; \
 	wait $$pid; mac_rc=$$?; \

@@ -6,7 +6,9 @@ matmuls and 16-bit activations), `pytest --path cpu` a CPU's (a float32 copy, pe
 dequantize, lean ops, CPU streams); `make test` runs both. A test about one path says so with
 @pytest.mark.path("cpu") or ("mac") and runs only in that path's pass; a real-model test is
 slow on the Mac's path here (MLX's quantized kernels on a CPU), so it runs once, in the Mac's
-pass unless it says "cpu". Every other test runs in both passes.
+pass unless it says "cpu". A test whose subject the path does not touch (a terminal's output,
+a parser, processes that stop each other) is marked `once`: it runs in the CPU's pass, where a
+tiny model is fastest. Every other test runs in both passes.
 """
 
 import os
@@ -57,6 +59,7 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "path(name): this test runs on the 'mac' or 'cpu' path")
+    config.addinivalue_line("markers", "once: the path does not matter here: the CPU's pass only")
     # Set for the whole pass (subprocesses inherit it), so module-scoped fixtures that train or
     # load take the same path as the tests that use them.
     if config.getoption("--path") == "mac":
@@ -70,6 +73,8 @@ def own_path(item) -> str | None:
     marker = item.get_closest_marker("path")
     if marker:
         return marker.args[0]
+    if item.get_closest_marker("once"):
+        return "cpu"
     return "mac" if item.get_closest_marker("real") else None
 
 

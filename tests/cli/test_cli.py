@@ -61,6 +61,7 @@ def test_resume_continues_to_more_steps(tiny_model_dir, tmp_path):
     assert read_metrics(out)[-1]["step"] == 8
 
 
+@pytest.mark.once
 @pytest.mark.parametrize(
     "extra, needle",
     [
@@ -90,6 +91,7 @@ def test_bad_data_line_names_file_and_line(tiny_model_dir, tmp_path):
     assert f"{data}:5" in result.output and "Traceback" not in result.output
 
 
+@pytest.mark.once
 def test_missing_model_and_data(tmp_path):
     result = CliRunner().invoke(cli, ["train", "--model", str(tmp_path / "nope"), "--data", "x"])
     assert result.exit_code == 1 and "Traceback" not in result.output
@@ -119,6 +121,7 @@ def test_only_commands_that_compute_set_up_the_process(monkeypatch, tmp_path):
     assert calls == ["train"]
 
 
+@pytest.mark.once
 def test_out_in_a_recipe_expands_the_home_folder(tiny_model_dir, tmp_path, monkeypatch):
     data = write_chat(tmp_path / "net.jsonl", n=8)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
@@ -141,6 +144,7 @@ def test_out_in_a_recipe_expands_the_home_folder(tiny_model_dir, tmp_path, monke
     assert not (tmp_path / "~").exists()
 
 
+@pytest.mark.once
 def test_paths_are_printed_as_text_not_markup(tiny_model_dir, tmp_path, monkeypatch):
     """rich reads "[...]" as markup: "[/]" in a path raised, "data[v2]" showed as "data"."""
     data = write_chat(tmp_path / "data[v2].jsonl", n=8)

@@ -149,6 +149,7 @@ def tokenizer():
     return TokenizerWrapper(build_tiny_hf_tokenizer())
 
 
+@pytest.mark.once
 @fuzz(1500)
 @given(data=data_file())
 def test_mutated_data_files_load_or_get_one_clean_line(tmp_path, tokenizer, data):
@@ -184,6 +185,7 @@ def mutated_recipe(draw) -> dict:
     return recipe
 
 
+@pytest.mark.once
 @fuzz(1500)
 @given(recipe=mutated_recipe(), sets=st.lists(st.text(max_size=30), max_size=3))
 def test_mutated_recipes_validate_or_get_one_clean_line(recipe, sets):
@@ -196,6 +198,7 @@ def test_mutated_recipes_validate_or_get_one_clean_line(recipe, sets):
     loads_or_one_clean_line(work)
 
 
+@pytest.mark.once
 @fuzz(500)
 @given(
     edits=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=6),

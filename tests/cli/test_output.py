@@ -24,6 +24,8 @@ from macft.models import catalog
 from macft.runs.folder import RunDir
 from macft.train.memory import GB
 
+pytestmark = pytest.mark.once  # what reaches a pipe or a terminal: the same on either path
+
 TERMINAL = {"TTY_COMPATIBLE": "1", "TERM": "xterm-256color", "NO_COLOR": None}
 DUMB = {"TTY_COMPATIBLE": "1", "TERM": "dumb", "NO_COLOR": None}
 # Every line the training log prints starts with one of these: a line that does not is

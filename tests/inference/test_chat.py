@@ -278,6 +278,7 @@ def test_repl_commands_history_compare_and_save(run, tmp_path):
     assert (tmp_path / "again" / "adapters.safetensors").is_file()
 
 
+@pytest.mark.once
 def test_ctrl_c_stops_an_answer_not_the_session(run):
     # Started with SIGINT ignored, as when the parent was inside system() (MLX building a
     # kernel on another thread) at the fork: the REPL must take Ctrl-C back.
@@ -304,6 +305,7 @@ def test_ctrl_c_stops_an_answer_not_the_session(run):
     assert child.exitstatus == 0
 
 
+@pytest.mark.once
 def test_no_color_leaves_the_prompt_and_every_line_plain_in_a_terminal(run):
     colours = {"TERM": "xterm-256color", "NO_COLOR": ""}  # a terminal that shows colours
     child = spawn(run, *GREEDY, env=colours)
@@ -321,6 +323,7 @@ def test_no_color_leaves_the_prompt_and_every_line_plain_in_a_terminal(run):
         child.close()
 
 
+@pytest.mark.once
 def test_script_lines_are_whole_on_stderr(run):
     """Piped, the loading line holds the whole adapters path, however long."""
     result = chat(run, "--prompt", Q, *GREEDY)
@@ -330,6 +333,7 @@ def test_script_lines_are_whole_on_stderr(run):
     assert "   backend: " in first
 
 
+@pytest.mark.once
 def test_ctrl_d_leaves_cleanly(run):
     child = spawn(run)
     child.sendeof()
@@ -365,6 +369,7 @@ def test_real_fine_tune_changes_the_answer(smollm2_gguf, tmp_path):
     assert base and tuned.strip() and base != tuned.strip(), result.stdout
 
 
+@pytest.mark.once
 def test_input_that_is_not_utf8_is_answered_not_a_traceback(run):
     """A terminal or a pipe in another encoding: the bytes that are not UTF-8 arrive as lone
     surrogates, which the tokenizer refused with a traceback."""

@@ -23,11 +23,11 @@ def test_few_steps_on_wikisql_lower_validation_loss(smollm2_gguf, tmp_path):
         "model.path": str(smollm2_gguf),
         "model.compute": "float32",
         "data.max_seq_length": 256,
-        "train.iters": 8,
+        "train.iters": 4,
         "train.learning_rate": 5.0e-4,
-        "train.warmup": 2,
-        "train.eval_every": 8,
-        "train.eval_batches": 4,
+        "train.warmup": 1,
+        "train.eval_every": 4,
+        "train.eval_batches": 2,
         "train.save_every": 0,
     }
     for key, value in sets.items():
@@ -37,7 +37,8 @@ def test_few_steps_on_wikisql_lower_validation_loss(smollm2_gguf, tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     before = rows[0]
     after = rows[-1]
-    assert before["step"] == 0 and after["step"] == 8
+    assert before["step"] == 0 and after["step"] == 4
+    # measured: 3.19 -> 2.51 (2 validation batches)
     assert after["val_loss"] < before["val_loss"] - 0.1, (before["val_loss"], after["val_loss"])
     assert "before training" in result.output
     assert json.loads((out / "base.json").read_text())["kind"] == "gguf"
