@@ -6,6 +6,7 @@ answers. xllamacpp is an optional extra (`pip install 'macft[llamacpp]'`).
 """
 
 import contextlib
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -42,6 +43,12 @@ def _tail(log) -> str:
     log.seek(0)
     lines = log.read().decode("utf-8", "replace").strip().splitlines()
     return lines[-1] if lines else "no message"
+
+
+def _logprob(value) -> float:
+    """JSON has no -inf or NaN: llama.cpp sends null for log(0) (a token the export gives no
+    probability at all) and for NaN logits. Either way the export lost that token."""
+    return -math.inf if value is None else float(value)
 
 
 class LlamaCpp:
@@ -94,7 +101,7 @@ class LlamaCpp:
                     "logit_bias": [[ids[t], FORCE]],
                 }
             )
-            logps.append(float(step["logprob"]))
+            logps.append(_logprob(step["logprob"]))
             tops.append(int(step["top_logprobs"][0]["id"]))
         return logps, tops
 

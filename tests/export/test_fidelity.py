@@ -1,6 +1,7 @@
 """The fidelity check after `macft fuse`: each export against the adapters, GGUF in llama.cpp."""
 
 import json
+import math
 import shutil
 
 import mlx.core as mx
@@ -13,6 +14,7 @@ from macft.cli import cli
 from macft.data.encode import Example
 from macft.data.heldout import make_case
 from macft.export import fidelity, merge
+from macft.export.llamacpp import LlamaCpp
 from macft.lora.apply import lora_layers
 from macft.runs.folder import RunDir
 from macft.runs.model import load_run_model
@@ -226,3 +228,25 @@ def test_llama_cpp_answers_end_where_mlx_answers_end():
     ex = Example(np.array([1, 2, 3]), np.array([False, True, True]))
     side = fidelity.llamacpp_side(Llama(), tok, fidelity.Sample([ex], [case], "test"))
     assert side.answers == ["the cat"]
+
+
+def test_a_null_log_probability_from_llama_cpp_is_a_lost_token_not_a_crash():
+    """llama.cpp writes log(0) or NaN as JSON null (seen on a strongly trained tiny model):
+    the export's loss is not finite and the check says the fine-tune is lost."""
+    steps = iter([-0.5, None])
+
+    class Server:
+        def handle_completions(self, request):
+            lp = next(steps)
+            tops = [{"id": 7, "logprob": -0.1}]
+            return {"choices": [{"logprobs": {"content": [{"logprob": lp, "top_logprobs": tops}]}}]}
+
+    llama = LlamaCpp.__new__(LlamaCpp)
+    llama.server = Server()
+    logps, tops = llama.score([1, 2, 3, 4], 2)
+    assert logps == [-0.5, -math.inf] and tops == [7, 7]
+    good = fidelity.Side([np.array([-1.0, -2.0])], [np.array([7, 7])], ["a"])
+    base = fidelity.Side([np.array([-3.0, -3.0])], [np.array([5, 4])], [])
+    export = fidelity.Side([np.array(logps)], [np.array(tops)], ["a"])
+    r = fidelity.compare(export, good, base)
+    assert r["lost"] and not r["finite"] and r["next_token_agreement"] == 1
