@@ -280,6 +280,51 @@ def test_shards_cover_the_global_batch_once():
     assert [len(s) for s in shards] == [2, 2, 1]
 
 
+class LostRing:
+    """MLX's ring backend after a peer is lost: the collective in flight raises, and one
+    evaluated after it would wait forever, because its socket threads have ended."""
+
+    def __init__(self, monkeypatch, fail_at: int):
+        self.calls, self.fail_at, self.failed = 0, fail_at, False
+        self._eval = mx.eval
+        self._sums: set = set()
+        monkeypatch.setattr(mx.distributed, "all_sum", self.all_sum)
+        monkeypatch.setattr(mx, "eval", self.eval)
+
+    def all_sum(self, x, group=None):
+        out = x * 2  # two ranks holding the same values
+        self._sums.add(id(out))
+        return out
+
+    def eval(self, *args):
+        flat = [a for arg in args for a in (arg if isinstance(arg, list) else [arg])]
+        for _ in (a for a in flat if id(a) in self._sums):
+            assert not self.failed, "a collective after a failed one: MLX waits for it forever"
+            self.calls += 1
+            self.failed = self.calls == self.fail_at
+        if self.failed:
+            raise RuntimeError("[ring] connection to a peer was lost")
+        return self._eval(*args)
+
+
+@pytest.mark.parametrize("fail_at", [1, 2])
+def test_a_failed_gradient_sum_starts_no_other_collective(monkeypatch, fail_at):
+    # float32 gradients and int64 token counts are two pieces; a failure in either one must
+    # reach the trainer as PeerLost, never leave the next piece waiting for a dead peer.
+    from macft.train.parallel.world import PeerLost
+
+    world = World(rank=0, size=2)
+    params = {"a": mx.zeros((3, 4)), "b": mx.zeros((5,))}
+    grads = {"a": mx.ones((3, 4)), "b": mx.full((5,), 3.0)}
+    ring = LostRing(monkeypatch, fail_at=99)
+    loss, summed, n_targets, n_inputs = world.sum_step(mx.array(1.5), grads, 7, 9, params, 1)
+    assert ring.calls == 2 and loss.item() == 3.0 and (n_targets, n_inputs) == (14, 18)
+    assert mx.array_equal(summed["b"], mx.full((5,), 6.0)).item()
+    ring = LostRing(monkeypatch, fail_at=fail_at)
+    with pytest.raises(PeerLost, match="lost rank 1 during step 2"):
+        world.sum_step(mx.array(1.5), grads, 7, 9, params, 2)
+
+
 def test_plan_counts_the_machines(tiny_model_dir, tmp_path):
     data = write_data(tmp_path / "data")
     args = ["plan", "--model", str(tiny_model_dir), "--data", str(data), "--memory", "16GB",

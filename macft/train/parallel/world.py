@@ -135,12 +135,34 @@ class World:
         return dict(zip(keys, self._sum(send, "setup"), strict=True))
 
     def _sum(self, arrays: list, what: str) -> list:
-        """all_sum of each array, same-dtype arrays packed together in pieces of CHUNK_BYTES."""
+        """all_sum of each array, same-dtype arrays packed together in pieces of CHUNK_BYTES.
+
+        Each piece is evaluated on its own: after a lost peer MLX's ring backend fails the
+        collective in flight, but one queued behind it waits forever (its socket threads have
+        ended), so no collective may start after a failed one."""
         out: list = [None] * len(arrays)
+        with self._waiting(what):
+            for part in self._pieces(arrays):
+                flat = mx.concatenate([arrays[i].reshape(-1) for i in part])
+                summed = mx.distributed.all_sum(flat, group=self.group)
+                try:
+                    mx.eval(summed)
+                except RuntimeError as e:  # the ring backend: "connection to a peer was lost"
+                    raise PeerLost(self._lost(what, str(e))) from None
+                offset = 0
+                for i in part:
+                    n = arrays[i].size
+                    out[i] = summed[offset : offset + n].reshape(arrays[i].shape)
+                    offset += n
+        return out
+
+    @staticmethod
+    def _pieces(arrays: list) -> list:
+        """Indices of the arrays summed together: same dtype, up to CHUNK_BYTES a piece."""
         groups: dict = {}
         for i, a in enumerate(arrays):
             groups.setdefault(a.dtype, []).append(i)
-        pieces = []  # (indices, summed flat array)
+        pieces = []
         for idx in groups.values():
             start = 0
             while start < len(idx):
@@ -148,22 +170,9 @@ class World:
                 while end < len(idx) and (end == start or nbytes < CHUNK_BYTES):
                     nbytes += arrays[idx[end]].nbytes
                     end += 1
-                part = idx[start:end]
-                flat = mx.concatenate([arrays[i].reshape(-1) for i in part])
-                pieces.append((part, mx.distributed.all_sum(flat, group=self.group)))
+                pieces.append(idx[start:end])
                 start = end
-        with self._waiting(what):
-            try:
-                mx.eval([p for _, p in pieces])
-            except RuntimeError as e:  # the ring backend: "connection to a peer was lost"
-                raise PeerLost(self._lost(what, str(e))) from None
-        for part, summed in pieces:
-            offset = 0
-            for i in part:
-                n = arrays[i].size
-                out[i] = summed[offset : offset + n].reshape(arrays[i].shape)
-                offset += n
-        return out
+        return pieces
 
     def _others(self) -> str:
         return f"rank {1 - self.rank}" if self.size == 2 else "another rank"
