@@ -22,6 +22,8 @@ from helpers import (
 )
 from mlx_lm.tokenizer_utils import TokenizerWrapper
 
+from macft.cpu.kernels import use_native_kernels
+
 
 @pytest.fixture
 def tiny_tokenizer():
@@ -66,6 +68,9 @@ def pytest_configure(config):
         os.environ["MACFT_MAC_PATH"] = "1"
     else:
         os.environ.pop("MACFT_MAC_PATH", None)
+    # MLX's compiled kernels built as every computing command builds them (macft.cpu.process):
+    # for this CPU, with the precompiled preamble. pytest's folders follow TMPDIR there.
+    use_native_kernels()
 
 
 def own_path(item) -> str | None:

@@ -1,9 +1,13 @@
-"""MLX's compiled CPU kernels built for this CPU (AVX2, FMA): a g++ wrapper and a kernel folder."""
+"""MLX's compiled CPU kernels built for this CPU (AVX2, FMA): a g++ wrapper, a kernel folder and
+the kernels' preamble precompiled."""
 
+import importlib.metadata
+import importlib.util
 import os
 import platform
 import shutil
 import stat
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -12,6 +16,10 @@ from macft.atomic import atomic_write_bytes
 NO_NATIVE_KERNELS_ENV = "MACFT_NO_NATIVE_KERNELS"
 NATIVE_FLAGS = ("-mavx2", "-mfma", "-mf16c")  # what these CPU flags let the compiler use
 NATIVE_CPU_FLAGS = {"avx2", "fma", "f16c"}
+# How MLX 0.32 builds a kernel (jit_compiler.cpp). g++ uses a precompiled header only when built
+# with the same flags: if MLX changes them, kernels build from the header again, just slower.
+MLX_FLAGS = ("-std=c++17", "-O3", "-Wall", "-fPIC")
+PREAMBLE = "mlx/backend/cpu/compiled_preamble.h"  # every kernel includes it: ~69,000 lines
 _NATIVE_TEMP = f"macft-native-{os.getuid()}"
 
 
@@ -65,7 +73,8 @@ def use_native_kernels() -> bool:
     that adds -mavx2 -mfma makes the compiled training step ~20% faster on a 2-core EPYC.
     MLX keeps built kernels by name in $TMPDIR/mlx and never rebuilds one it finds there, so
     these get a temp folder of their own: a kernel built without the flags is never reused,
-    and none another user planted there is loaded (see _kernel_folder).
+    and none another user planted there is loaded (see _kernel_folder). The wrapper also points
+    g++ at MLX's kernel preamble precompiled (see _precompiled_preamble).
     Opt out with MACFT_NO_NATIVE_KERNELS=1.
     """
     if (
@@ -83,7 +92,11 @@ def use_native_kernels() -> bool:
     kernels = _kernel_folder()
     if kernels is None or not _own_folder(folder, 0o755):
         return False
-    script, text = folder / "g++", f'#!/bin/sh\nexec "{gxx}" {" ".join(NATIVE_FLAGS)} "$@"\n'
+    flags = list(NATIVE_FLAGS)
+    headers = _precompiled_preamble(gxx, folder)
+    if headers is not None:
+        flags += ["-I", f'"{headers}"']  # before MLX's own -I: g++ finds the .gch here first
+    script, text = folder / "g++", f'#!/bin/sh\nexec "{gxx}" {" ".join(flags)} "$@"\n'
     try:
         if not (script.is_file() and script.read_text() == text):
             atomic_write_bytes(script, text.encode(), mode=0o755)
@@ -93,3 +106,31 @@ def use_native_kernels() -> bool:
     tempfile.tempdir = None  # Python's own temp files follow
     os.environ["PATH"] = os.pathsep.join([str(folder), *path])
     return True
+
+
+def _precompiled_preamble(gxx: str, folder: Path) -> Path | None:
+    """A folder holding MLX's kernel preamble precompiled for g++ (built once per MLX version),
+    or None. A kernel then builds in ~0.25 s instead of ~0.85 s, to the same machine code: a
+    training step's first run builds dozens of kernels."""
+    spec = importlib.util.find_spec("mlx")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    include = Path(next(iter(spec.submodule_search_locations))) / "include"
+    if not (include / PREAMBLE).is_file():
+        return None  # MLX then builds without its headers, as it does itself
+    headers = folder / f"pch-mlx-{importlib.metadata.version('mlx')}"
+    gch = headers / f"{PREAMBLE}.gch"
+    if gch.is_file():
+        return headers
+    tmp = gch.with_name(f".tmp-{os.getpid()}-{gch.name}")
+    command = [gxx, *MLX_FLAGS, *NATIVE_FLAGS, "-I", str(include), "-x", "c++-header",
+               str(include / PREAMBLE), "-o", str(tmp)]  # fmt: skip
+    try:
+        gch.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(command, check=True, capture_output=True, timeout=300)
+        os.replace(tmp, gch)  # whole or absent, when several processes build it at once
+    except (OSError, subprocess.SubprocessError):
+        return None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return headers

@@ -7,6 +7,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import mlx.core as mx
 import pytest
 
 from macft.cpu import kernels
@@ -82,3 +83,44 @@ def test_a_kernel_folder_someone_else_made_is_never_used(native_env, planted):
     st = used.stat()
     assert st.st_uid == os.getuid() and st.st_mode & 0o077 == 0
     assert tempfile.gettempdir() == str(used)
+
+
+# A kernel as MLX writes one (compiled.cpp): the preamble's ops in a loop.
+KERNEL = """
+using namespace mlx::core;
+using namespace mlx::core::detail;
+extern "C" void macft_kernel(const float* a, float* out, size_t n) {
+  for (size_t i = 0; i < n; ++i) out[i] = Exp()(a[i]) * Sigmoid()(a[i]);
+}
+"""
+
+
+@needs_gxx
+def test_kernels_build_from_the_precompiled_preamble_to_the_same_code(native_env, monkeypatch):
+    """The wrapper has g++ read MLX's kernel preamble precompiled (built once), not its ~69,000
+    lines of headers, and the kernel comes out the same."""
+    path = os.environ["PATH"].split(os.pathsep)  # without this test session's own wrapper
+    monkeypatch.setenv("PATH", os.pathsep.join(p for p in path if "native-gxx" not in p))
+    plain = shutil.which("g++")
+    assert kernels.use_native_kernels()
+    wrapper = shutil.which("g++")
+    include = Path(mx.__file__).parent / "include"
+    source = native_env / "kernel.cpp"
+    source.write_text(f'#include "{kernels.PREAMBLE}"\n{KERNEL}')
+    logs, code = {}, {}
+    for name, cmd in (("wrapper", [wrapper]), ("plain", [plain, *kernels.NATIVE_FLAGS])):
+        out = native_env / f"lib{name}.so"
+        # MLX's own command (jit_compiler.cpp); -H names each header as g++ reads it
+        cmd += [*kernels.MLX_FLAGS, "-shared", "-H", "-Winvalid-pch", "-I", str(include),
+                str(source), "-o", str(out)]  # fmt: skip
+        log = subprocess.run(cmd, text=True, capture_output=True, check=True).stderr
+        logs[name] = [
+            x for x in log.splitlines() if x.lstrip(".!").startswith(" ") and x[0] in ".!"
+        ]
+        dump = ["objdump", "-d", "--no-show-raw-insn", str(out)]
+        text = subprocess.run(dump, text=True, capture_output=True, check=True).stdout
+        code[name] = text.partition("Disassembly of section .text:")[2]
+    gch = native_env / "cache" / "macft" / "native-gxx"
+    assert logs["wrapper"] == [f"! {gch}/pch-mlx-{mx.__version__}/{kernels.PREAMBLE}.gch"]
+    assert logs["plain"][0] == f". {include / kernels.PREAMBLE}" and len(logs["plain"]) > 20
+    assert code["wrapper"] == code["plain"] and "vfmadd" in code["plain"]
