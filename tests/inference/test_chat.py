@@ -261,7 +261,12 @@ def test_repl_commands_history_compare_and_save(run, tmp_path):
     (tmp_path / "afile").write_text("")
     assert "Error: cannot write" in send(child, f"/save {tmp_path / 'afile' / 'x.jsonl'}")
     saved = tmp_path / "chats.jsonl"
-    assert "saved 3 exchanges" in send(child, f"/save {saved}")
+    # A tiny random model may answer a turn with nothing (its first token an end of turn, as
+    # one CPU's rounding has it): /save leaves such a turn out and says so.
+    said = re.search(r"saved (\d) exchanges.*?(?:\((\d) empty answers left out\))?\n",
+                     send(child, f"/save {saved}"))  # fmt: skip
+    n = int(said[1])
+    assert n >= 2 and n + int(said[2] or 0) == 3, said[0]
     assert "new conversation" in send(child, "/reset")
     assert "user:" not in send(child, "/history")
     child.sendline("/quit")
@@ -271,7 +276,7 @@ def test_repl_commands_history_compare_and_save(run, tmp_path):
 
     line = json.loads(saved.read_text())
     roles = [m["role"] for m in line["messages"]]
-    assert roles == ["system"] + ["user", "assistant"] * 3
+    assert roles == ["system"] + ["user", "assistant"] * n
     assert line["messages"][2]["content"] == first_answer
     # macft train accepts what /save wrote
     train(run.parent / "tiny", saved, tmp_path / "again", "train.iters=1", "train.eval_every=0")

@@ -99,8 +99,10 @@ def test_dropout_draws_the_eager_masks(ckpt):
             mx.eval(results[-1])
         mx.random.seed(8)  # another seed, other masks: dropout did act
         other = step(model, batch, 16)[0].item()
-    assert_same(results[1], results[0])
-    assert_same(results[2], results[0])
+    # Compiled kernels built for AVX2/FMA (macft.cpu.kernels) round unlike eager ops: gradients
+    # up to ~60 differ by up to ~1.2e-4 with the same masks; other masks move them by ~60.
+    assert_same(results[1], results[0], atol=1e-3)
+    assert_same(results[2], results[0], atol=1e-3)
     assert abs(other - results[0][0].item()) > 1e-4
 
 
