@@ -11,7 +11,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from macft.atomic import atomic_write_bytes
+from macft.atomic import atomic_write_bytes, write_via_temp
 
 NO_NATIVE_KERNELS_ENV = "MACFT_NO_NATIVE_KERNELS"
 NATIVE_FLAGS = ("-mavx2", "-mfma", "-mf16c")  # what these CPU flags let the compiler use
@@ -122,15 +122,13 @@ def _precompiled_preamble(gxx: str, folder: Path) -> Path | None:
     gch = headers / f"{PREAMBLE}.gch"
     if gch.is_file():
         return headers
-    tmp = gch.with_name(f".tmp-{os.getpid()}-{gch.name}")
     command = [gxx, *MLX_FLAGS, *NATIVE_FLAGS, "-I", str(include), "-x", "c++-header",
-               str(include / PREAMBLE), "-o", str(tmp)]  # fmt: skip
+               str(include / PREAMBLE), "-o"]  # fmt: skip
     try:
         gch.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run(command, check=True, capture_output=True, timeout=300)
-        os.replace(tmp, gch)  # whole or absent, when several processes build it at once
+        # whole or absent, when several processes build it at once (g++ fills the temp file)
+        write_via_temp(gch, lambda tmp: subprocess.run([*command, str(tmp)], check=True,
+                                                       capture_output=True, timeout=300))  # fmt: skip
     except (OSError, subprocess.SubprocessError):
         return None
-    finally:
-        tmp.unlink(missing_ok=True)
     return headers

@@ -2,6 +2,7 @@
 
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -114,9 +115,7 @@ def test_kernels_build_from_the_precompiled_preamble_to_the_same_code(native_env
         cmd += [*kernels.MLX_FLAGS, "-shared", "-H", "-Winvalid-pch", "-I", str(include),
                 str(source), "-o", str(out)]  # fmt: skip
         log = subprocess.run(cmd, text=True, capture_output=True, check=True).stderr
-        logs[name] = [
-            x for x in log.splitlines() if x.lstrip(".!").startswith(" ") and x[0] in ".!"
-        ]
+        logs[name] = [x for x in log.splitlines() if re.match(r"[.!]+ ", x)]
         dump = ["objdump", "-d", "--no-show-raw-insn", str(out)]
         text = subprocess.run(dump, text=True, capture_output=True, check=True).stdout
         code[name] = text.partition("Disassembly of section .text:")[2]
